@@ -1,0 +1,97 @@
+"""Model folders in diffusers/transformers format <-> our Flax modules and parameter trees.
+
+    from sc_dpo_jax import models
+    unet, params = models.load_unet("path/to/sd/unet")          # a diffusers 'unet' folder
+    eps = unet.apply({"params": params}, latents_nhwc, timesteps, text_states)
+    models.save_unet("out/unet", unet, params)                  # diffusers.UNet2DConditionModel.from_pretrained reads it
+
+No torch is needed: safetensors files are read and written with safetensors' numpy API. Loading is strict:
+every parameter must be filled and every tensor in the file used, and a config key we cannot honour is an
+error that names it.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+import flax.linen as nn
+
+from sc_dpo_jax.models import weights
+from sc_dpo_jax.models.unet import UNet2DConditionModel
+from sc_dpo_jax.models.unet_config import UNetConfig
+
+UNET_WEIGHTS = "diffusion_pytorch_model"
+UNET_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
+                   "transformer_blocks", "to_out", "net")
+
+
+def read_json(path: str) -> Dict[str, Any]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist")
+  with open(path) as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def param_shapes(module: nn.Module, *inputs) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
+  """Flat path -> shape of ``module``'s parameters, computed abstractly (no memory, no FLOPs)."""
+  abstract = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)
+  params = nn.meta.unbox(abstract["params"])
+  return {path: tuple(x.shape) for path, x in traverse_util.flatten_dict(params).items()}
+
+
+def load_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "reference",
+              remat_policy: Optional[str] = None, allow_pickle: bool = False,
+              variant: Optional[str] = None) -> Tuple[UNet2DConditionModel, Dict]:
+  """Loads a diffusers ``UNet2DConditionModel`` folder (``config.json`` + safetensors weights).
+
+  Args:
+    folder: the ``unet`` folder of a diffusers pipeline, or a saved UNet.
+    dtype, param_dtype: compute and storage dtypes (see ``models.layers``).
+    attention: attention implementation (``models.attention.IMPLEMENTATIONS``).
+    remat_policy: rematerialise each block under this ``jax.checkpoint_policies`` name.
+    allow_pickle: accept a pickled ``diffusion_pytorch_model.bin`` (needs torch).
+    variant: weight-file variant, e.g. ``"fp16"``.
+
+  Returns:
+    ``(module, params)``: params is a nested dict of ``param_dtype`` arrays.
+  """
+  config_path = os.path.join(folder, "config.json")
+  config = UNetConfig.from_diffusers(read_json(config_path), source=config_path)
+  unet = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                              remat_policy=remat_policy)
+  state_dict, source = weights.read_state_dict(folder, UNET_WEIGHTS, allow_pickle=allow_pickle,
+                                               variant=variant)
+  expected = param_shapes(unet, *unet.dummy_inputs(size=8))
+  params = weights.torch_to_flax(state_dict, expected, UNET_CONTAINERS, source=source,
+                                 dtype=jnp.dtype(param_dtype))
+  return unet, jax.tree.map(jnp.asarray, params)
+
+
+def save_unet(folder: str, unet: UNet2DConditionModel, params: Dict, *, dtype=None,
+              max_shard_bytes: Optional[int] = None) -> None:
+  """Writes ``config.json`` and ``diffusion_pytorch_model.safetensors`` (sharded above ``max_shard_bytes``).
+
+  ``dtype`` converts the weights on the way out (e.g. ``jnp.float16``); by default they keep their dtype.
+  """
+  params = nn.meta.unbox(params)
+  tensors = weights.flax_to_torch(params, UNET_CONTAINERS, dtype=None if dtype is None else jnp.dtype(dtype))
+  weights.write_state_dict(folder, UNET_WEIGHTS, tensors, max_shard_bytes=max_shard_bytes)
+  config = unet.config.to_diffusers()
+  config["_diffusers_version"] = _diffusers_version()
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+
+def _diffusers_version() -> str:
+  try:
+    return importlib.metadata.version("diffusers")
+  except importlib.metadata.PackageNotFoundError:
+    return "0.31.0"

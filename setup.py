@@ -1,0 +1,30 @@
+"""sc_dpo_jax: safety alignment of text-to-image diffusion models in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="sc_dpo_jax",
+    version="0.1.0",
+    description=("SC-DPO, DUO and ShieldDiff-style RL for Stable Diffusion in JAX/Flax, "
+                 "with a toy world that runs on a laptop."),
+    packages=setuptools.find_packages(include=["sc_dpo_jax", "sc_dpo_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.26,<3",
+        "jax>=0.6,<0.12",
+        "flax>=0.10,<0.13",
+        "optax>=0.2.4,<0.3",
+        "orbax-checkpoint>=0.11,<0.13",
+        "ml_collections>=1.0,<2",
+        "absl-py>=2.1",
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorflow-datasets>=4.9.7,<5",
+        "safetensors>=0.4.5,<1",
+        "transformers>=4.46,<6",
+        "diffusers>=0.31,<1",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        # torch is the CPU build that lies on this kind of machine's disk; a looser pin may pull a CUDA build.
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+    },
+)
