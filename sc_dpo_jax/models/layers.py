@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-DEFAULT_KERNEL_INIT = nn.initializers.lecun_normal()
+DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
 def dense(features: int, axes: Tuple[str, str], *, use_bias: bool = True, dtype: Dtype = jnp.float32,
