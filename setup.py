@@ -22,6 +22,7 @@ setuptools.setup(
         "transformers>=4.46,<6",
         "diffusers>=0.31,<1",
         "tqdm>=4.66",
+        "pyarrow>=14",            # Pick-a-Pic parquet shards
     ],
     extras_require={
         # torch is the CPU build that lies on this kind of machine's disk; a looser pin may pull a CUDA build.
