@@ -23,6 +23,7 @@ setuptools.setup(
         "diffusers>=0.31,<1",
         "tqdm>=4.66",
         "pyarrow>=14",            # Pick-a-Pic parquet shards
+        "tensorboard>=2.18",      # tf.summary needs it (tensorflow-cpu does not bring it)
     ],
     extras_require={
         # torch is the CPU build that lies on this kind of machine's disk; a looser pin may pull a CUDA build.

@@ -7,11 +7,12 @@
 Image ``i`` of prompt ``p`` uses seed ``--seed`` folded with its index, so the same flags give the same
 pictures on any batch size. ``--out_dir`` also writes every image as its own PNG.
 """
-import math
 import os
 
 import numpy as np
 from absl import app, flags, logging
+
+from sc_dpo_jax.images import make_grid
 
 _MODEL = flags.DEFINE_string("model", None, "A diffusers Stable Diffusion folder (model_index.json, unet/, ...).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt; repeat the flag for several.")
@@ -31,18 +32,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"
 _OUT = flags.DEFINE_string("out", "grid.png", "Where to write the PNG grid.")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Also write each image here as NNNN.png.")
 flags.mark_flags_as_required(["model", "prompt"])
-
-
-def make_grid(images: np.ndarray, columns: int) -> np.ndarray:
-  """Tiles uint8 ``[N, H, W, 3]`` images into one ``[rows*H, columns*W, 3]`` image (row-major, black fill)."""
-  n, h, w, c = images.shape
-  columns = max(1, min(columns, n))
-  rows = math.ceil(n / columns)
-  grid = np.zeros((rows * h, columns * w, c), images.dtype)
-  for i, image in enumerate(images):
-    r, col = divmod(i, columns)
-    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
-  return grid
 
 
 def main(argv):
