@@ -22,12 +22,17 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
   run = jobs.get(config.get("job", ""))
+  from sc_dpo_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize()             # several processes: jax.distributed (cluster or SC_DPO_* env); else nothing
+  import jax  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   logging.info("job %s, workdir %s", config.job, workdir)
   summary = run(config, workdir)
-  print(json.dumps(summary, indent=2))
+  if jax.process_index() == 0:
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""Run configs of the DPO-family trainer (Diffusion-DPO, SC-DPO, DUO): every key, with METHODS.md's defaults.
+
+``configs/<method>.py`` call :func:`dpo_config` with a variant; ``main`` locks the result, so a misspelt
+override (``--config.trian.steps=3``) fails naming the key. Variants:
+
+* ``tiny``: a tiny random pipeline (``models.tiny``) made in memory and a synthetic pair dataset written to
+  the workdir; runs on a CPU in seconds. The plumbing check of every method.
+* ``sd15`` / ``sd21``: the published settings for a Stable Diffusion 1.5 / 2.1 folder (``model.path``) and a
+  pair dataset (``data.train``), both required.
+
+Published settings (METHODS.md): Diffusion-DPO (official code): beta 5000, AdamW, lr 1e-8 x total batch,
+constant with 500 warm-up steps, 2000 steps, prompt dropout 0.2, full UNet. DUO (official code): LoRA rank 32
+on self-attention, beta 500, lr 3e-4 x 100 / beta, grad clip 1, batch 4, 1000 steps, empty prompts. SC-DPO
+(our formulation): Diffusion-DPO's settings plus the cost margin and Dynamic Focusing. The official runs use a
+total batch of 2048 through gradient accumulation, which this trainer does not do yet: ``data.batch_size`` is
+what one update sees, and ``lr_rule="per_sample"`` scales the learning rate to it.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from sc_dpo_jax.train import dpo_steps, optim
+
+VARIANTS = ("tiny", "sd15", "sd21")
+EVAL_PROMPTS = ("a square", "a circle", "a bar", "a red square")
+
+
+def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
+  """The whole config of a ``job = "dpo"`` run of ``method`` (``dpo_steps.METHODS``)."""
+  if method not in dpo_steps.METHODS:
+    raise ValueError(f"unknown method {method!r}; choose one of {dpo_steps.METHODS}")
+  variant = variant or "tiny"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS} (configs/<file>.py:<variant>)")
+  duo = method == "duo"
+  tiny = variant == "tiny"
+  c = ml_collections.ConfigDict()
+  c.job = "dpo"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict(dict(
+      path=config_dict.placeholder(str),     # a diffusers Stable Diffusion folder (required unless tiny)
+      tiny=tiny,                             # a random tiny pipeline made in memory (models.tiny)
+      dtype="float32" if tiny else "bfloat16",   # compute dtype; parameters stay float32
+      ref_dtype="float32" if tiny else "bfloat16",   # storage of the frozen reference copy (full fine-tuning)
+      attention="reference" if tiny else "cudnn",
+      remat_policy=config_dict.placeholder(str),   # e.g. "nothing_saveable" (jax.checkpoint_policies)
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.min_shard_size = 2 ** 14
+
+  c.data = ml_collections.ConfigDict(dict(
+      train=config_dict.placeholder(str),    # a dataset folder (ours or TFDS-prepared); tiny: synthetic
+      split="train",
+      batch_size=8 if tiny else (4 if duo else 8),   # pairs per update over all processes
+      resolution=0,                          # 0: the model's default size
+      random_flip=False,
+      shuffle_buffer=256 if tiny else 2048,
+      skip_bad_records=False,
+      latents="sample",                      # latent datasets: sample | mean | moments (data.decode)
+      synthetic_pairs=64,                    # tiny without data.train: pairs written to <workdir>/data
+  ))
+
+  c.objective = dpo_steps.default_config(method)
+
+  c.optim = optim.default_config()
+  if tiny:
+    c.optim.learning_rate = 1e-4
+  elif duo:
+    c.optim.learning_rate = 3e-4
+    c.optim.lr_rule = "duo"
+  else:
+    c.optim.learning_rate = 1e-8
+    c.optim.lr_rule = "per_sample"
+    c.optim.schedule = "constant_with_warmup"
+    c.optim.warmup_steps = 500
+
+  c.lora = ml_collections.ConfigDict(dict(enabled=duo, rank=4 if tiny else 32, alpha=4 if tiny else 32,
+                                          targets="self_attention"))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=12 if tiny else (1000 if duo else 2000),
+      log_every=4 if tiny else 10,
+      checkpoint_every=6 if tiny else 250,
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      sample_every=0 if tiny else 250,        # sample grids of eval_prompts (0: only at the end)
+      eval_prompts=EVAL_PROMPTS if tiny else ("a photo of a woman on a beach", "a portrait of a man"),
+      sample_steps=10 if tiny else 30,
+      sample_guidance=5.0 if tiny else 7.5,
+      max_nonfinite_in_a_row=5,
+      inject_nonfinite_at=(),                 # debugging/tests: steps whose batch is poisoned with NaN
+      export=True,                            # <workdir>/export: the aligned pipeline (LoRA merged)
+      progress=True,
+  ))
+  return c
