@@ -42,6 +42,7 @@ def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       path=config_dict.placeholder(str),     # a diffusers Stable Diffusion folder (required unless tiny)
       tiny=tiny,                             # a random tiny pipeline made in memory (models.tiny)
+      architecture=variant,                  # UNet/text shapes for `python -m sc_dpo_jax.bench` (random weights)
       dtype="float32" if tiny else "bfloat16",   # compute dtype; parameters stay float32
       ref_dtype="float32" if tiny else "bfloat16",   # storage of the frozen reference copy (full fine-tuning)
       attention="reference" if tiny else "cudnn",

@@ -1,0 +1,154 @@
+"""Train-step benchmark: pairs/s, step time, peak device memory and MFU of a method's jitted step.
+
+    python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:tiny                      # a CPU, seconds
+    python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:sd15 --peak_tflops=989     # one H100 (bf16 dense)
+    python -m sc_dpo_jax.bench --config=configs/duo.py:sd15 --config.data.batch_size=8
+
+The step is the trainer's own (``train.dpo_steps`` inside the NaN guard, sharded by ``parallel`` over the
+config's mesh, state donated, compiled ahead of time), fed synthetic device-resident batches of the shapes
+``config.model.architecture`` implies: latents ``[B, h, w, 4]`` and text states ``[B, L, D]`` (SD1.5: 64x64
+latents, 77x768 states), as a run on precomputed latents and text states sees them. Weights are random
+(drawn on the host). Imports no TensorFlow.
+
+FLOPs come from XLA's cost analysis of the compiled step (per device); MFU = achieved FLOP/s per device /
+``--peak_tflops``. Peak memory is the device's ``peak_bytes_in_use`` (GPU/TPU; CPUs do not report it).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file of the DPO family.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+_PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of one device in the compute dtype (for MFU).")
+_JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+flags.mark_flags_as_required(["config"])
+
+ARCHITECTURES = ("tiny", "sd15", "sd21")
+
+
+def models_for(architecture: str, dtype, attention: str, remat_policy=None):
+  """(UNet module, latent shape [h, w, c], text shape [L, D]) of an architecture."""
+  from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
+  if architecture not in ARCHITECTURES:
+    raise ValueError(f"config.model.architecture = {architecture!r}; choose one of {ARCHITECTURES}")
+  if architecture == "tiny":
+    from sc_dpo_jax.models import tiny  # pylint: disable=g-import-not-at-top
+    config, text = models.tiny_config(cross_attention_dim=tiny.TEXT_DIM), (tiny.TEXT_LENGTH, tiny.TEXT_DIM)
+  elif architecture == "sd15":
+    config, text = models.sd15_config(), (77, 768)
+  else:
+    config, text = models.sd21_config(), (77, 1024)
+  kwargs = dict(dtype=dtype, attention=attention)
+  if remat_policy:
+    kwargs["remat_policy"] = remat_policy
+  unet = models.UNet2DConditionModel(config, **kwargs)
+  size = int(config.sample_size)
+  return unet, (size, size, int(config.in_channels)), text
+
+
+def run(config, *, steps: int, warmup: int, peak_tflops=None):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from sc_dpo_jax import diffusion, parallel  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.data import device as device_lib  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.models.random_init import host_random_params  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.train import dpo_steps, guard, optim  # pylint: disable=g-import-not-at-top
+
+  c = config
+  objective = dpo_steps.resolve_config(c.objective)
+  mesh = parallel.make_mesh(c.mesh.to_dict())
+  unet, latent_shape, text_shape = models_for(c.model.architecture, jnp.dtype(c.model.dtype), c.model.attention,
+                                              c.model.remat_policy)
+  t0 = time.time()
+  params = host_random_params(unet.clone(dtype=jnp.float32), seed=c.seed)
+  init_s = time.time() - t0
+  schedule = diffusion.NoiseSchedule.from_config(
+      {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+       "prediction_type": "v_prediction" if c.model.architecture == "sd21" else "epsilon"}, source="bench")
+  batch_size = int(c.data.batch_size)
+  tx, lr = optim.make_optimizer(c.optim, total_batch_size=batch_size, beta=float(objective.beta))
+  lora = {k: c.lora[k] for k in ("rank", "alpha", "targets")} if c.lora.enabled else None
+  rng = jax.random.PRNGKey(c.seed)
+  empty = np.zeros((1,) + tuple(text_shape), np.float32)
+  state, frozen, shardings = parallel.sharded_train_state(
+      params, tx, lr, mesh=mesh, param_specs=parallel.module_logical_specs(unet), min_shard_size=c.min_shard_size,
+      lora=lora, rng=jax.random.fold_in(rng, 1), ref_dtype=None if lora else jnp.dtype(c.model.ref_dtype),
+      empty_text=empty)
+  del params
+  fn = guard.skip_nonfinite(dpo_steps.make_dpo_step(unet, schedule, objective).fn)
+  step = parallel.make_sharded_step(fn, shardings)
+  host = np.random.default_rng(0)
+  local = batch_size // jax.process_count()
+  batch = {"latents_w": host.normal(size=(local,) + latent_shape).astype(np.float32),
+           "latents_l": host.normal(size=(local,) + latent_shape).astype(np.float32),
+           "text_states": host.normal(size=(local,) + tuple(text_shape)).astype(np.float32)}
+  if objective.method == "sc_dpo":
+    batch["cost_w"] = np.zeros((local,), np.float32)
+    batch["cost_l"] = np.ones((local,), np.float32)
+  batch = device_lib.global_batch(batch, mesh)
+  t0 = time.time()
+  compiled = step.jitted.lower(state, frozen, batch, rng).compile()
+  compile_s = time.time() - t0
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  flops = float((analysis or {}).get("flops", 0.0)) or None
+  for _ in range(warmup):
+    state, metrics = compiled(state, frozen, batch, rng)
+  jax.block_until_ready(state)
+  t0 = time.time()
+  for _ in range(steps):
+    state, metrics = compiled(state, frozen, batch, rng)
+  jax.block_until_ready((state, metrics))
+  elapsed = time.time() - t0
+  step_s = elapsed / steps
+  out = {
+      "method": objective.method, "architecture": c.model.architecture, "lora": bool(lora),
+      "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
+      "batch_pairs": batch_size, "dtype": c.model.dtype, "attention": c.model.attention,
+      "remat_policy": c.model.remat_policy, "compile_s": round(compile_s, 2), "host_init_s": round(init_s, 2),
+      "step_s": step_s, "pairs_per_s": batch_size / step_s,
+      "loss": float(np.asarray(metrics["loss"])),
+  }
+  if flops:
+    out["tflop_per_step_per_device"] = flops / 1e12
+    out["tflops_per_device"] = flops / step_s / 1e12
+    if peak_tflops:
+      out["mfu"] = out["tflops_per_device"] / peak_tflops
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from sc_dpo_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize()
+  result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, peak_tflops=_PEAK.value)
+  line = (f"{result['method']} {result['architecture']} x{result['batch_pairs']} pairs on {result['devices']} "
+          f"{result['device_kind']}: {result['pairs_per_s']:.2f} pairs/s, step {result['step_s'] * 1e3:.1f} ms")
+  if "tflops_per_device" in result:
+    line += f", {result['tflops_per_device']:.2f} TFLOP/s per device"
+  if "mfu" in result:
+    line += f", MFU {100 * result['mfu']:.1f}%"
+  if "peak_memory_gb" in result:
+    line += f", peak memory {result['peak_memory_gb']:.1f} GB"
+  print(line)
+  print(json.dumps(result, indent=2))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
