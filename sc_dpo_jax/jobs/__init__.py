@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict
 JOBS: Dict[str, str] = {
     "unet_interop": "sc_dpo_jax.jobs.unet_interop",
     "dpo": "sc_dpo_jax.jobs.dpo",
+    "cost_model": "sc_dpo_jax.jobs.cost_model",
 }
 
 
