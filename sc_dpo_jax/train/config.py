@@ -59,7 +59,7 @@ def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
       random_flip=False,
       shuffle_buffer=256 if tiny else 2048,
       skip_bad_records=False,
-      latents="sample",                      # latent datasets: sample | mean | moments (data.decode)
+      latents="moments",                     # latent datasets: moments (sampled on the device) | sample | mean
       synthetic_pairs=64,                    # tiny without data.train: pairs written to <workdir>/data
   ))
 
