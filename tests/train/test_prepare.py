@@ -1,0 +1,59 @@
+"""The trainer's batch preparation: moments sampled on the device, images through the VAE, prompts through the
+text encoder, costs for SC-DPO, the NaN probe."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sc_dpo_jax import models
+from sc_dpo_jax.data import latents as latents_lib
+from sc_dpo_jax.data import schema
+from sc_dpo_jax.models import tiny
+from sc_dpo_jax.train import loop
+
+
+@pytest.fixture(scope="module")
+def pipe():
+  return tiny.tiny_pipeline(0)
+
+
+def test_moments_and_text_states_records(pipe):
+  spec = schema.pair_spec(image_format="latent", latent_shape=(8, 8, 8), latent_scaling_factor=0.18215,
+                          text_states_shape=(16, 32), has_costs=True)
+  rng = np.random.default_rng(0)
+  batch = {"moments_chosen": rng.normal(size=(2, 8, 8, 8)).astype(np.float32),
+           "moments_rejected": rng.normal(size=(2, 8, 8, 8)).astype(np.float32),
+           "text_states": rng.normal(size=(2, 16, 32)).astype(np.float32),
+           "cost_chosen": np.zeros(2, np.float32), "cost_rejected": np.ones(2, np.float32),
+           "nonfinite_probe": np.zeros(2, np.float32)}
+  key = jax.random.PRNGKey(3)
+  out = loop.make_prepare(pipe, spec, "sc_dpo")({}, batch, key)
+  k_w, k_l = jax.random.split(key)
+  np.testing.assert_allclose(out["latents_w"], latents_lib.sample_latents(batch["moments_chosen"], k_w,
+                                                                          scaling_factor=0.18215), atol=1e-6)
+  np.testing.assert_allclose(out["latents_l"], latents_lib.sample_latents(batch["moments_rejected"], k_l,
+                                                                          scaling_factor=0.18215), atol=1e-6)
+  np.testing.assert_array_equal(out["text_states"], batch["text_states"])
+  np.testing.assert_array_equal(out["cost_l"], batch["cost_rejected"])
+  poisoned = loop.make_prepare(pipe, spec, "diffusion_dpo")({}, dict(batch, nonfinite_probe=np.full(2, np.nan,
+                                                                                                     np.float32)), key)
+  assert np.isnan(np.asarray(poisoned["latents_w"])).all() and "cost_w" not in poisoned
+
+
+def test_image_records_go_through_the_vae_and_the_text_encoder(pipe):
+  spec = schema.pair_spec()
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+  ids = pipe.tokenizer(["a square", "a bar"])
+  frozen = {"vae": pipe.params["vae"], "text_encoder": pipe.params["text_encoder"]}
+  key = jax.random.PRNGKey(0)
+  out = loop.make_prepare(pipe, spec, "duo")(frozen, {"image_chosen": images, "image_rejected": images,
+                                                      "input_ids": ids}, key)
+  k_w, _ = jax.random.split(key)
+  want = models.encode_to_latents(pipe.vae, pipe.params["vae"], jnp.asarray(images, jnp.float32) / 127.5 - 1, k_w)
+  np.testing.assert_allclose(out["latents_w"], want, atol=1e-5)
+  assert out["latents_w"].shape == (2, 8, 8, 4)
+  np.testing.assert_allclose(out["text_states"], pipe.encode_prompts(["a square", "a bar"]), atol=1e-5)
+  with pytest.raises(ValueError, match="SC-DPO needs the safety costs"):
+    loop.make_prepare(pipe, spec, "sc_dpo")(frozen, {"image_chosen": images, "image_rejected": images,
+                                                     "input_ids": ids}, key)
