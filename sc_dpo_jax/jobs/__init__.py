@@ -10,6 +10,7 @@ JOBS: Dict[str, str] = {
     "unet_interop": "sc_dpo_jax.jobs.unet_interop",
     "dpo": "sc_dpo_jax.jobs.dpo",
     "cost_model": "sc_dpo_jax.jobs.cost_model",
+    "rl": "sc_dpo_jax.jobs.rl",
 }
 
 

@@ -12,7 +12,9 @@ One ``orbax.checkpoint.CheckpointManager`` (asynchronous saves, atomic: a checkp
 complete; the last ``keep`` are kept) with four items: ``state`` (the arrays, restored with the shardings of
 ``abstract_state``, so a resumed run gets its state already sharded), ``rng``, ``data`` (JSON: the data
 iterator positions of all processes, gathered, each process restores its own) and ``config`` (JSON, for the
-record).
+record); and a fifth, optional one, ``extra`` (JSON: host-side state a trainer needs to resume exactly, e.g.
+the RL trainer's per-prompt reward buffers; every process must pass the same value). ``Restored.extra`` is
+None for a checkpoint saved without it.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ class Restored:
   rng: Any
   data_state: Optional[Dict[str, Any]]
   config: Dict[str, Any]
+  extra: Optional[Dict[str, Any]] = None
 
 
 def gather_data_states(state: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -71,7 +74,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.directory = directory
     self.manager = ocp.CheckpointManager(directory, options=options,
-                                         item_names=("state", "rng", "data", "config"))
+                                         item_names=("state", "rng", "data", "config", "extra"))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -80,34 +83,40 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, *, state: Any, rng: Any, data_state: Optional[Mapping[str, Any]],
-           config: Mapping[str, Any]) -> bool:
+           config: Mapping[str, Any], extra: Optional[Mapping[str, Any]] = None) -> bool:
     """Starts an asynchronous save (every process calls it); returns whether a save was started."""
     data = gather_data_states(data_state)
-    args = ocp.args.Composite(
+    items = dict(
         state=ocp.args.StandardSave(state),
         rng=ocp.args.StandardSave({"key": _key_data(rng)}),
         data=ocp.args.JsonSave({"iterator": data}),
         config=ocp.args.JsonSave(dict(config)),
     )
-    return self.manager.save(int(step), args=args, force=True)
+    if extra is not None:
+      items["extra"] = ocp.args.JsonSave(dict(extra))
+    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, *, abstract_state: Any, abstract_rng: Any) -> Restored:
     """Checkpoint ``step`` with the arrays laid out as ``abstract_state`` says (``jax.ShapeDtypeStruct`` s
     with shardings, e.g. from ``jax.eval_shape`` plus the run's shardings); ``abstract_rng`` is any key of
     the run's kind (its value is not used)."""
     key = _key_data(abstract_rng)
-    args = ocp.args.Composite(
+    items = dict(
         state=ocp.args.StandardRestore(abstract_state),
         rng=ocp.args.StandardRestore({"key": jax.ShapeDtypeStruct(key.shape, key.dtype)}),
         data=ocp.args.JsonRestore(),
         config=ocp.args.JsonRestore(),
     )
-    out = self.manager.restore(int(step), args=args)
+    has_extra = "extra" in self.manager.item_metadata(int(step)).keys()
+    if has_extra:
+      items["extra"] = ocp.args.JsonRestore()
+    out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
     rng = out["rng"]["key"]
     if jax.dtypes.issubdtype(getattr(abstract_rng, "dtype", None), jax.dtypes.prng_key):
       rng = jax.random.wrap_key_data(rng)
     return Restored(step=int(step), state=out["state"], rng=rng,
-                    data_state=local_data_state(out["data"]["iterator"]), config=dict(out["config"]))
+                    data_state=local_data_state(out["data"]["iterator"]), config=dict(out["config"]),
+                    extra=dict(out["extra"]) if has_extra else None)
 
   def restore_latest(self, *, abstract_state: Any, abstract_rng: Any) -> Optional[Restored]:
     step = self.latest_step()

@@ -91,7 +91,7 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_pip
     if jax.process_index() == 0:
       synthetic.write_synthetic_pairs(folder, num_pairs=int(d.synthetic_pairs), resolution=pipe.default_size,
                                       seed=config.seed)
-    _barrier("synthetic data")
+    barrier("synthetic data")
     source = records.open_source(folder)
   else:
     raise ValueError("config.data.train is empty: set --config.data.train to a pair dataset folder "
@@ -106,7 +106,8 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_pip
       skip_bad_records=bool(d.skip_bad_records), tokenizer=pipe.tokenizer if needs_text else None)
 
 
-def _barrier(name: str):
+def barrier(name: str):
+  """Waits for every process (a no-op with one), so what process 0 wrote exists before the others read it."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(name)
@@ -256,7 +257,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
         bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", pairs_s=f"{means['pairs_per_s']:.1f}")
         window, window_start, window_steps = [], time.time(), 0
       if c.train.sample_every and step_index % int(c.train.sample_every) == 0 and not last:
-        _sample_grid(pipe, state, frozen, c, workdir, step_index)
+        sample_grid(pipe, state, frozen, c, workdir, step_index)
       if stop.requested(step_index):
         stopped_by_signal = True
       if step_index % int(c.train.checkpoint_every) == 0 or last or stopped_by_signal:
@@ -273,7 +274,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   summary.update({"final_step": step_index, "stopped_by_signal": stopped_by_signal,
                   "skipped_updates": counter.total, "bad_records": it.bad_records})
   if not stopped_by_signal:
-    _sample_grid(pipe, state, frozen, c, workdir, step_index)
+    sample_grid(pipe, state, frozen, c, workdir, step_index)
     if c.train.export:
       summary["export"] = export_pipeline(pipe, state, frozen, os.path.join(workdir, "export"))
   ckpt.close()
@@ -317,7 +318,9 @@ def policy_unet_params(state, frozen):
   return state.params
 
 
-def _sample_grid(pipe, state, frozen, config, workdir, step_index):
+def sample_grid(pipe, state, frozen, config, workdir, step_index):
+  """``<workdir>/samples/step_NNNNNN.png``: the policy's images of ``train.eval_prompts`` (fixed seed, so grids
+  of successive steps show what training changed)."""
   prompts = list(config.train.eval_prompts)
   if not prompts:
     return
@@ -339,5 +342,5 @@ def export_pipeline(pipe, state, frozen, folder: str) -> str:
                                  vae=pipe.vae, tokenizer=pipe.tokenizer, schedule=pipe.schedule,
                                  params=dict(pipe.params, unet=params), scheduler_class=pipe.scheduler_class)
     models.save_pipeline(folder, out)
-  _barrier("export")
+  barrier("export")
   return os.path.abspath(folder)

@@ -1,0 +1,545 @@
+"""The ShieldDiff-style RL trainer: DDPO with importance sampling and PPO clipping, sampled on-line from prompts.
+
+    python -m sc_dpo_jax.main --config=configs/shielddiff_rl.py:tiny --workdir=workdir/rl
+
+What follows published code and what is ours (METHODS.md, "ShieldDiff-style RL"): sampling with trajectories,
+the per-prompt advantages, the clipped importance-sampling loss, AdamW and LoRA follow DDPO's official code
+(``train.ddpo``, ``train.advantages``, ``losses.ddpo``). ShieldDiff (arXiv 2410.05309) is known here only by
+its abstract; its reward as a weighted sum of named terms, a CLIP-score quality term and a safety term (minus
+the safety cost model's cost; NudeNet later), with our default weights, is this project's formulation.
+
+What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer, ``train.loop``):
+
+1. **Mesh** from ``config.mesh``; **models** as ``train.loop.load_models`` (``model.tiny``: a random tiny
+   pipeline, written to ``<workdir>/base_model``).
+2. **Prompts**: ``data.train`` (a dataset of kind "prompt", e.g. I2P prepared with ``data.prepare``) or, for
+   ``tiny``, a synthetic set of harmful ("red ...", the toy world's unsafe concept) and safe prompts written
+   to ``<workdir>/data/synthetic_prompts``. Each process reads ``rl.samples_per_iteration /
+   rl.samples_per_prompt`` prompts per iteration and samples each ``rl.samples_per_prompt`` times. The
+   records' negative prompt, seed and guidance are not used (sampling uses the empty prompt as the
+   unconditional one, ``rl.guidance_scale`` and the run's rng, as DDPO does).
+3. **Reward** (``reward.weights``, :data:`REWARD_TERMS`): ``clip_score`` (``rewards.ClipScore`` with the CLIP
+   in ``reward.clip_folder``) and ``safety_cost`` (``rewards.CostReward`` with the cost model in
+   ``reward.cost_model_folder``), combined by ``rewards.WeightedSum``. ``tiny`` without those folders uses a
+   random tiny CLIP pair and a random cost adapter on its vision tower: PLUMBING ONLY, the rewards mean
+   nothing. The reward runs on the host, on each process's own images.
+4. **State**: ``parallel.sharded_train_state`` (LoRA adapters by default, ``lora.enabled=False`` trains the
+   full UNet; DDPO has no reference model, so none is kept), the text encoder and VAE frozen beside it. Two
+   programs are compiled ahead of time: the sampler (text encoding, DDIM with trajectories and
+   log-probabilities, VAE decoding; ``train.ddpo.make_ddpo_sampler``) and the update (one minibatch, in the
+   NaN guard ``train.guard``; ``train.ddpo.make_ddpo_update``). Trajectory arrays ``[S(+1), B, ...]`` are
+   sharded on their batch axis (dim 1), everything per sample on dim 0.
+5. **Resume**: the latest checkpoint in ``<workdir>/checkpoints``: train state, rng, data position, and the
+   per-prompt reward buffers (``PerPromptAdvantages``, the checkpoint's ``extra`` item), so a resumed run
+   continues exactly as an uninterrupted one.
+6. **Loop**, per iteration: sample ``rl.samples_per_iteration`` images per process from the current policy,
+   score them, gather prompts and rewards of all processes, advantages per prompt, then ``rl.inner_epochs``
+   times: shuffle the samples and make ``rl.updates_per_iteration`` optimiser updates on minibatches (from
+   the second on, the importance ratio and the clipping act). Every ``train.log_every`` iterations the mean
+   metrics go to ``metrics.jsonl`` and TensorBoard: the reward and each term (``reward/<term>``), the
+   update's loss, ``approx_kl``, ``clipfrac``, advantage statistics, gradient norm, images/s and the time of
+   each phase. Sample grids of ``train.eval_prompts`` every ``train.sample_every`` iterations and at the end;
+   an Orbax checkpoint every ``train.checkpoint_every`` iterations; SIGTERM/SIGINT finish the iteration,
+   save and return.
+7. **Export** (``train.export``): the aligned pipeline (LoRA merged) as a diffusers folder in
+   ``<workdir>/export``.
+
+Returns a summary dict (also ``<workdir>/summary.json``). Checkpoint and metric steps count iterations;
+``optimizer_steps`` counts the updates applied (skipped non-finite updates excluded).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from sc_dpo_jax import models, parallel
+from sc_dpo_jax.data import device as device_lib
+from sc_dpo_jax.data import pipeline as data_pipeline
+from sc_dpo_jax.data import records, schema
+from sc_dpo_jax.models.clip import CLIPTextModel, CLIPVisionModel
+from sc_dpo_jax.models.clip_config import tiny_text_config, tiny_vision_config
+from sc_dpo_jax.models.random_init import host_random_params
+from sc_dpo_jax.rewards.base import RewardFn, WeightedSum
+from sc_dpo_jax.rewards.clip_score import ClipScore
+from sc_dpo_jax.rewards.cost_model import CostAdapter, CostReward, SafetyCostModel, load_cost_model
+from sc_dpo_jax.train import checkpoint as checkpoint_lib
+from sc_dpo_jax.train import ddpo, dpo_steps, guard, optim
+from sc_dpo_jax.train import metrics as metrics_lib
+from sc_dpo_jax.train import state as state_lib
+from sc_dpo_jax.train.advantages import PerPromptAdvantages
+from sc_dpo_jax.train.loop import barrier, export_pipeline, load_models, sample_grid
+from sc_dpo_jax.train.preemption import StopSignal
+
+METHOD = "shielddiff_rl"
+EXTRA_ADVANTAGES = "advantages"
+
+# The tiny run's synthetic prompts: the toy world's unsafe concept is the colour red (DESIGN.md), so prompts
+# naming it are the harmful ones (categories "red"); the rest are safe. Short enough for the tiny tokenizer.
+HARMFUL_PROMPTS = ("a red square", "a red circle", "a red bar", "red paint", "a crimson box", "a red dot")
+SAFE_PROMPTS = ("a blue square", "a green circle", "a blue bar", "blue paint", "a yellow box", "a green dot")
+
+
+# -- prompts ------------------------------------------------------------------------------------------------------
+
+
+def synthetic_prompt_records(num_prompts: int) -> List[Dict[str, Any]]:
+  """``num_prompts`` prompt records alternating harmful and safe prompts (the tiny run's dataset)."""
+  out = []
+  for i in range(num_prompts):
+    harmful = i % 2 == 0
+    pool = HARMFUL_PROMPTS if harmful else SAFE_PROMPTS
+    out.append({"prompt": pool[(i // 2) % len(pool)], "negative_prompt": "", "seed": -1, "guidance": -1.0,
+                "categories": "red" if harmful else "", "source_id": f"synthetic_prompts:{i}"})
+  return out
+
+
+def write_synthetic_prompts(folder: str, *, num_prompts: int = 12) -> records.Source:
+  """Writes the synthetic prompt set to ``folder`` once (an existing complete folder is reused)."""
+  if os.path.exists(os.path.join(folder, records.INFO_FILE)):
+    return records.open_source(folder)
+  if num_prompts < 1:
+    raise ValueError(f"config.data.synthetic_prompts = {num_prompts}: write at least one prompt")
+  return records.write_records(folder, schema.prompt_spec(), synthetic_prompt_records(num_prompts),
+                               name="synthetic_prompts")
+
+
+def prompts_per_process(config: ml_collections.ConfigDict) -> int:
+  """Prompts each process reads per iteration; checks the batch keys of ``config.rl`` (errors name them)."""
+  r = config.rl
+  samples, per_prompt, updates = int(r.samples_per_iteration), int(r.samples_per_prompt), int(r.updates_per_iteration)
+  if samples < 1 or per_prompt < 1 or updates < 1 or int(r.inner_epochs) < 1:
+    raise ValueError(f"config.rl.samples_per_iteration ({samples}), samples_per_prompt ({per_prompt}), "
+                     f"updates_per_iteration ({updates}) and inner_epochs ({r.inner_epochs}) must be >= 1")
+  if samples % per_prompt:
+    raise ValueError(f"config.rl.samples_per_iteration = {samples} is not a multiple of "
+                     f"config.rl.samples_per_prompt = {per_prompt}")
+  if (samples * jax.process_count()) % updates:
+    raise ValueError(f"config.rl.samples_per_iteration = {samples} x {jax.process_count()} processes is not "
+                     f"divisible into config.rl.updates_per_iteration = {updates} minibatches")
+  return samples // per_prompt
+
+
+def open_prompts(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_pipeline.DataIterator:
+  """This process's iterator over the prompt dataset ``data.train`` (or the synthetic prompts of a tiny run)."""
+  d = config.data
+  if d.train:
+    source = records.open_source(d.train, split=d.split)
+  elif config.model.tiny:
+    folder = os.path.join(workdir, "data", "synthetic_prompts")
+    if jax.process_index() == 0:
+      write_synthetic_prompts(folder, num_prompts=int(d.synthetic_prompts))
+    barrier("synthetic prompts")
+    source = records.open_source(folder)
+  else:
+    raise ValueError("config.data.train is empty: set --config.data.train to a prompt dataset folder "
+                     "(python -m sc_dpo_jax.data.prepare makes one from an I2P-style CSV or a text file)")
+  if source.spec.kind != schema.PROMPT:
+    raise ValueError(f"{d.train or source.name}: a {source.spec.kind} dataset; the RL trainer samples its own "
+                     f"images and needs a prompt dataset")
+  return data_pipeline.DataIterator(
+      source, batch_size=prompts_per_process(config), seed=config.seed, shuffle_buffer=int(d.shuffle_buffer),
+      skip_bad_records=bool(d.skip_bad_records), tokenizer=pipe.tokenizer)
+
+
+# -- the reward ---------------------------------------------------------------------------------------------------
+
+
+def tiny_clip(seed: int, tokenizer) -> Dict[str, Any]:
+  """A random tiny CLIP pair (projected text and vision towers) that reads the tiny pipeline's tokens: the
+  tiny run's stand-in for a real CLIP. Its scores are meaningless; it only exercises the reward's plumbing."""
+  text = CLIPTextModel(tiny_text_config(vocab_size=len(tokenizer.hf), max_position_embeddings=tokenizer.max_length,
+                                        eos_token_id=1, bos_token_id=0, pad_token_id=1), with_projection=True)
+  vision = CLIPVisionModel(tiny_vision_config(), with_projection=True)
+  return {"text_model": text, "text_params": host_random_params(text, seed + 11), "vision_model": vision,
+          "vision_params": host_random_params(vision, seed + 12), "tokenizer": tokenizer, "name": "tiny-random-clip"}
+
+
+def _clip(config: ml_collections.ConfigDict, pipe, cache: Dict[str, Any]) -> Dict[str, Any]:
+  """The CLIP of the reward (loaded once and shared by the terms that need it)."""
+  if "clip" in cache:
+    return cache["clip"]
+  folder = config.reward.clip_folder
+  if folder:
+    text, text_params = models.load_clip_text(folder)
+    vision, vision_params = models.load_clip_vision(folder)
+    cache["clip"] = {"text_model": text, "text_params": text_params, "vision_model": vision,
+                     "vision_params": vision_params, "tokenizer": models.load_tokenizer(folder), "name": folder}
+  elif config.model.tiny:
+    cache["clip"] = tiny_clip(int(config.seed), pipe.tokenizer)
+  else:
+    raise ValueError("config.reward.clip_folder is empty: set it to a CLIPModel folder (both towers with "
+                     "projections and the tokenizer files, e.g. openai/clip-vit-large-patch14), or set the "
+                     "weights of the terms that need it (reward.weights.clip_score) to 0")
+  return cache["clip"]
+
+
+def clip_score_term(config: ml_collections.ConfigDict, pipe, cache: Dict[str, Any]) -> RewardFn:
+  """``clip_score``: cosine of the CLIP image and prompt embeddings (the quality term)."""
+  m = _clip(config, pipe, cache)
+  return ClipScore(m["text_model"], m["text_params"], m["vision_model"], m["vision_params"], m["tokenizer"])
+
+
+def safety_cost_term(config: ml_collections.ConfigDict, pipe, cache: Dict[str, Any]) -> RewardFn:
+  """``safety_cost``: the safety cost model's cost (higher = more harmful; weight it negatively)."""
+  r = config.reward
+  if r.cost_model_folder:
+    clip_folder = r.cost_clip_folder or r.clip_folder
+    if not clip_folder:
+      raise ValueError(f"config.reward.cost_model_folder = {r.cost_model_folder} needs the CLIP vision tower it "
+                       f"was trained on: set config.reward.cost_clip_folder (or reward.clip_folder)")
+    model, params = load_cost_model(r.cost_model_folder, clip_folder)
+  elif config.model.tiny:
+    m = _clip(config, pipe, cache)
+    model = SafetyCostModel(m["vision_model"], CostAdapter(hidden_sizes=(16,)), clip_name=m["name"])
+    params = {"clip": m["vision_params"], "adapter": model.init_adapter(jax.random.PRNGKey(int(config.seed) + 13))}
+  else:
+    raise ValueError("config.reward.cost_model_folder is empty: set it to a safety cost model folder "
+                     "(python -m sc_dpo_jax.main --config=configs/cost_model.py trains one), or set "
+                     "reward.weights.safety_cost to 0")
+  return CostReward(model, params)
+
+
+# name -> builder(config, pipe, cache) -> reward function. A new detector (NudeNet) is one more entry here and
+# one more name in rl_config's reward.weights.
+REWARD_TERMS: Dict[str, Callable[..., RewardFn]] = {
+    "clip_score": clip_score_term,
+    "safety_cost": safety_cost_term,
+}
+
+
+def reward_weights(config: ml_collections.ConfigDict) -> Dict[str, float]:
+  """The terms of ``reward.weights`` with a non-zero weight, checked (errors name the key)."""
+  out = {}
+  for name, weight in config.reward.weights.items():
+    if name not in REWARD_TERMS:
+      raise ValueError(f"config.reward.weights.{name}: no reward term of that name; known: {sorted(REWARD_TERMS)}")
+    weight = float(weight)
+    if not np.isfinite(weight):
+      raise ValueError(f"config.reward.weights.{name} = {weight} is not finite")
+    if weight != 0.0:
+      out[name] = weight
+  if not out:
+    raise ValueError("every config.reward.weights is 0: the reward would be constant")
+  return out
+
+
+def make_reward(config: ml_collections.ConfigDict, pipe) -> WeightedSum:
+  """``reward.weights`` as a ``rewards.WeightedSum`` of the named terms (weight 0: the term is not loaded)."""
+  cache: Dict[str, Any] = {}
+  parts = {name: (weight, REWARD_TERMS[name](config, pipe, cache)) for name, weight in reward_weights(config).items()}
+  logging.info("reward: %s", " + ".join(f"{w:g} * {n}" for n, (w, _) in parts.items()))
+  return WeightedSum(parts)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The checks that need no model, run before loading one (a Stable Diffusion load takes a while): batch
+  sizes, reward terms, and the folders a non-tiny run requires (errors name the key)."""
+  prompts_per_process(config)
+  weights = reward_weights(config)
+  if config.model.tiny:
+    return
+  r = config.reward
+  if "clip_score" in weights and not r.clip_folder:
+    raise ValueError("config.reward.clip_folder is empty: set it to a CLIPModel folder (both towers with "
+                     "projections and the tokenizer files), or set reward.weights.clip_score to 0")
+  if "safety_cost" in weights and not r.cost_model_folder:
+    raise ValueError("config.reward.cost_model_folder is empty: set it to a safety cost model folder, or set "
+                     "reward.weights.safety_cost to 0")
+  if not config.data.train:
+    raise ValueError("config.data.train is empty: set --config.data.train to a prompt dataset folder")
+
+
+# -- the two programs ---------------------------------------------------------------------------------------------
+
+
+def ddpo_config(config: ml_collections.ConfigDict) -> ddpo.DDPOConfig:
+  """``config.rl``'s DDPO knobs as ``train.ddpo.DDPOConfig`` (its checks, e.g. eta > 0, run when used)."""
+  r = config.rl
+  return ddpo.DDPOConfig(num_steps=int(r.num_steps), eta=float(r.eta), guidance_scale=float(r.guidance_scale),
+                         clip_range=float(r.clip_range), adv_clip=float(r.adv_clip),
+                         timestep_fraction=float(r.timestep_fraction))
+
+
+def make_sample_step(pipe, config: ddpo.DDPOConfig):
+  """``(state, frozen, batch, rng) -> (Samples, text states)``: the prompts' ``input_ids`` encoded by the frozen
+  text encoder, initial noise drawn from ``rng``, and the policy's DDIM trajectories (``train.ddpo``)."""
+  sampler = ddpo.make_ddpo_sampler(pipe.unet, pipe.vae, pipe.schedule, config)
+  text_encoder = pipe.text_encoder
+  size = int(pipe.unet.config.sample_size)
+  latent_shape = (size, size, int(pipe.unet.config.in_channels))
+
+  def sample(state, frozen, batch, rng):
+    ids = batch["input_ids"]
+    text = text_encoder.apply({"params": frozen["text_encoder"]}, ids).last_hidden_state
+    noise_rng, step_rng = jax.random.split(rng)
+    latents = jax.random.normal(noise_rng, (ids.shape[0],) + latent_shape, jnp.float32)
+    uncond = frozen[state_lib.EMPTY_TEXT].astype(text.dtype)
+    return sampler(state, frozen, latents, text, uncond, step_rng), text
+
+  return sample
+
+
+def make_update_step(pipe, config: ddpo.DDPOConfig):
+  """``(state, frozen, batch, rng) -> (state, metrics)``: one DDPO update on the minibatch ``batch["rows"]`` of
+  the iteration's samples (trajectories ``[S(+1), B, ...]``, advantages and text ``[B, ...]``), in the NaN
+  guard. Selecting rows inside the program keeps one compiled update for every minibatch."""
+  update = ddpo.make_ddpo_update(pipe.unet, pipe.schedule, config)
+
+  def step(state, frozen, batch, rng):
+    rows = batch["rows"]
+    text = batch["text"][rows]
+    minibatch = {"latents": jnp.take(batch["latents"], rows, axis=1),
+                 "log_probs": jnp.take(batch["log_probs"], rows, axis=1),
+                 "timesteps": batch["timesteps"], "prev_timesteps": batch["prev_timesteps"],
+                 "advantages": batch["advantages"][rows], "text": text,
+                 "uncond_text": frozen[state_lib.EMPTY_TEXT].astype(text.dtype)}
+    return update(state, frozen, minibatch, rng)
+
+  return guard.skip_nonfinite(step)
+
+
+def _dim1(sharding: NamedSharding) -> NamedSharding:
+  """``sharding`` (batch on dim 0) moved to dim 1, for trajectory arrays ``[S, B, ...]``."""
+  return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+
+
+def _constrained(fn, mesh):
+  """``fn`` traced with module outputs batch-split (``parallel.batch_constraint_interceptor``), as
+  ``parallel.make_sharded_step`` does for the update."""
+  interceptor = parallel.batch_constraint_interceptor(mesh)
+
+  def constrained(*args):
+    with nn.intercept_methods(interceptor):
+      return fn(*args)
+
+  return constrained
+
+
+# -- host-side helpers --------------------------------------------------------------------------------------------
+
+
+def _local_rows(x: jax.Array, mesh) -> np.ndarray:
+  """This process's rows of a global array batch-sharded on dim 0 (the inverse of ``global_batch``)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, device_lib.batch_sharding(mesh).spec))
+
+
+def _gather(prompts: Sequence[str], arrays: Dict[str, np.ndarray]) -> Tuple[List[str], Dict[str, np.ndarray]]:
+  """Prompts and per-sample arrays of all processes, concatenated in process order (every process gets all,
+  so the per-prompt buffers stay identical everywhere)."""
+  if jax.process_count() == 1:
+    return list(prompts), dict(arrays)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  encoded = [p.encode("utf-8") for p in prompts]
+  lengths = np.array([len(e) for e in encoded], np.int32)
+  width = int(np.max(multihost_utils.process_allgather(np.array([max(lengths.max(), 1)], np.int32))))
+  buffer = np.zeros((len(encoded), width), np.uint8)
+  for i, e in enumerate(encoded):
+    buffer[i, :len(e)] = np.frombuffer(e, np.uint8)
+  all_buffer = np.asarray(multihost_utils.process_allgather(buffer, tiled=True))
+  all_lengths = np.asarray(multihost_utils.process_allgather(lengths, tiled=True))
+  all_prompts = [bytes(row[:n]).decode("utf-8") for row, n in zip(all_buffer, all_lengths)]
+  return all_prompts, {k: np.asarray(multihost_utils.process_allgather(np.asarray(v), tiled=True))
+                       for k, v in arrays.items()}
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+
+
+def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  t_start = time.time()
+  c = config
+  check_config(c)
+  ddpo_cfg = ddpo_config(c)
+  mesh = parallel.make_mesh(c.mesh.to_dict())
+  logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
+  pipe = load_models(c, workdir)
+  it = open_prompts(c, workdir, pipe)
+  samples_per_prompt = int(c.rl.samples_per_prompt)
+  global_samples = int(c.rl.samples_per_iteration) * jax.process_count()
+  updates = int(c.rl.updates_per_iteration)
+  minibatch = global_samples // updates
+  reward_fn = make_reward(c, pipe)
+  tracker = PerPromptAdvantages(buffer_size=int(c.rl.advantage_buffer), min_count=int(c.rl.advantage_min_count))
+
+  tx, lr_schedule = optim.make_optimizer(c.optim, total_batch_size=minibatch)     # samples per update
+  logging.info("optimizer: %s", optim.describe(c.optim, total_batch_size=minibatch))
+  rng = jax.random.PRNGKey(c.seed)
+  empty_text = np.asarray(pipe.encode_prompts([""]))
+  extra = {}
+  for name, module in (("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
+    plan = parallel.plan_shardings(pipe.params[name], mesh, None, specs=parallel.module_logical_specs(module),
+                                   min_shard_size=c.min_shard_size)
+    extra[name] = (pipe.params[name], plan.shardings)
+  lora = ({k: c.lora[k] for k in ("rank", "alpha", "targets")} if c.lora.enabled else None)
+  state, frozen, shardings = parallel.sharded_train_state(
+      pipe.params["unet"], tx, lr_schedule, mesh=mesh, param_specs=parallel.module_logical_specs(pipe.unet),
+      min_shard_size=c.min_shard_size, lora=lora, rng=jax.random.fold_in(rng, 1), empty_text=empty_text,
+      frozen_extra=extra)
+  if state_lib.REF_UNET in frozen:      # full fine-tuning: DDPO has no reference model to keep
+    del frozen[state_lib.REF_UNET]
+    shardings = shardings._replace(frozen={k: v for k, v in shardings.frozen.items() if k != state_lib.REF_UNET})
+
+  rep = parallel.replicated(mesh)
+  per_sample = shardings.batch
+  trajectory = _dim1(per_sample)
+  samples_sh = ddpo.Samples(latents=trajectory, timesteps=rep, prev_timesteps=rep, log_probs=trajectory,
+                            images=per_sample)
+  sample_step = dpo_steps.Step(_constrained(make_sample_step(pipe, ddpo_cfg), mesh),
+                               dict(in_shardings=(shardings.state, shardings.frozen, {"input_ids": per_sample}, rep),
+                                    out_shardings=(samples_sh, per_sample)))
+  update_batch_sh = {"latents": trajectory, "log_probs": trajectory, "timesteps": rep, "prev_timesteps": rep,
+                     "advantages": per_sample, "text": per_sample, "rows": rep}
+  update_step = parallel.make_sharded_step(make_update_step(pipe, ddpo_cfg), shardings, batch_sharding=update_batch_sh)
+
+  # Resume.
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(c.train.keep_checkpoints),
+                                     async_save=bool(c.train.async_checkpoints))
+  restored = ckpt.restore_latest(abstract_state=_abstract(state, shardings.state), abstract_rng=rng)
+  start = 0
+  resumed: Dict[str, Any] = {}
+  if restored is not None:
+    if not restored.extra or EXTRA_ADVANTAGES not in restored.extra:
+      raise ValueError(f"{ckpt.directory}/{restored.step} holds no per-prompt reward buffers (the 'extra' item "
+                       f"{EXTRA_ADVANTAGES!r}): it was not written by the RL trainer; use another workdir")
+    state, rng, start = restored.state, restored.rng, restored.step
+    if restored.data_state is not None:
+      it.restore(restored.data_state)
+    tracker.load_state_dict(restored.extra[EXTRA_ADVANTAGES])
+    resumed = {"iteration": start, "optimizer_steps": int(state.step), **tracker.stats(),
+               "buffered_rewards": sum(len(v) for v in restored.extra[EXTRA_ADVANTAGES]["buffers"].values())}
+    logging.info("resumed from iteration %d (%s): %s", start, ckpt.directory, resumed)
+  config_json = json.loads(c.to_json_best_effort())
+
+  # Compile both programs ahead of time, once.
+  first = next(it)
+
+  def sample_inputs(host):
+    prompts = [p for p in host["prompt"] for _ in range(samples_per_prompt)]
+    ids = np.repeat(np.asarray(host["input_ids"]), samples_per_prompt, axis=0)
+    return prompts, device_lib.global_batch({"input_ids": ids}, mesh)
+
+  t0 = time.time()
+  _, batch = sample_inputs(first)
+  compiled_sample = sample_step.jitted.lower(state, frozen, batch, rng).compile()
+  samples_abs, text_abs = compiled_sample.out_info
+  update_abs = {"latents": samples_abs.latents, "log_probs": samples_abs.log_probs,
+                "timesteps": samples_abs.timesteps, "prev_timesteps": samples_abs.prev_timesteps,
+                "advantages": jax.ShapeDtypeStruct((global_samples,), jnp.float32), "text": text_abs,
+                "rows": jax.ShapeDtypeStruct((minibatch,), jnp.int32)}
+  update_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=update_batch_sh[k]) for k, v in update_abs.items()}
+  compiled_update = update_step.jitted.lower(state, frozen, update_abs, rng).compile()
+  compile_s = time.time() - t0
+  logging.info("sampler and update compiled in %.1f s", compile_s)
+
+  writer = metrics_lib.MetricsWriter(workdir)
+  counter = guard.NonFiniteCounter(int(c.train.max_nonfinite_in_a_row))
+  iterations = int(c.train.iterations)
+  summary: Dict[str, Any] = {"workdir": os.path.abspath(workdir), "method": METHOD, "start_iteration": start,
+                             "reward": {n: w for n, (w, _) in reward_fn.parts.items()},
+                             "compile_s": round(compile_s, 2)}
+  if resumed:
+    summary["resumed"] = resumed
+  window: List[Dict[str, float]] = []
+  stopped_by_signal = False
+  bar = tqdm(total=iterations, initial=start, desc="rl", disable=not c.train.progress or jax.process_index() != 0,
+             unit="it")
+  process = jax.process_index()
+  with StopSignal() as stop:
+    iteration = start
+    host = first
+    while iteration < iterations:
+      t0 = time.time()
+      prompts, batch = sample_inputs(host)
+      key = jax.random.fold_in(rng, iteration)
+      sample_key, update_key = jax.random.split(key)
+      samples, text = compiled_sample(state, frozen, batch, sample_key)
+      images = _local_rows(samples.images, mesh)
+      t1 = time.time()
+      rewards, info = reward_fn(images, prompts)
+      all_prompts, gathered = _gather(prompts, {"reward": rewards, **info})
+      advantages = tracker(all_prompts, gathered["reward"])
+      n = len(prompts)
+      local_advantages = advantages[process * n:(process + 1) * n]
+      t2 = time.time()
+      update_batch = {"latents": samples.latents, "log_probs": samples.log_probs, "timesteps": samples.timesteps,
+                      "prev_timesteps": samples.prev_timesteps, "text": text,
+                      "advantages": jax.make_array_from_process_local_data(per_sample, local_advantages)}
+      pending = []
+      for epoch in range(int(c.rl.inner_epochs)):
+        order = np.random.default_rng([int(c.seed), iteration, epoch]).permutation(global_samples).astype(np.int32)
+        for u in range(updates):
+          rows = parallel.shard_tree(order[u * minibatch:(u + 1) * minibatch], rep)
+          state, metrics = compiled_update(state, frozen, dict(update_batch, rows=rows),
+                                           jax.random.fold_in(update_key, epoch * updates + u))
+          pending.append(metrics)
+      update_metrics = []
+      for index, metrics in enumerate(pending):
+        host_metrics = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        counter.update(iteration * len(pending) + index, host_metrics)    # raises after K skipped in a row
+        update_metrics.append(host_metrics)
+      t3 = time.time()
+      means = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+      all_rewards = gathered.pop("reward")
+      means.update({"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+                    **{f"reward/{k}": float(np.mean(v)) for k, v in gathered.items()},
+                    "advantages/min": float(advantages.min()), "advantages/max": float(advantages.max()),
+                    **{f"advantages/{k}": v for k, v in tracker.stats().items()},
+                    "images_per_s": global_samples / (t3 - t0), "time/sample_s": t1 - t0,
+                    "time/reward_s": t2 - t1, "time/update_s": t3 - t2})
+      window.append(means)
+      iteration += 1
+      bar.update(1)
+      last = iteration == iterations
+      if iteration % int(c.train.log_every) == 0 or last:
+        logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        logged.update({"optimizer_steps": int(state.step), "skipped_updates_total": counter.total, **it.metrics()})
+        writer.write(iteration, logged)
+        bar.set_postfix(reward=f"{logged['reward_mean']:.4f}", images_s=f"{logged['images_per_s']:.1f}")
+        window = []
+      if c.train.sample_every and iteration % int(c.train.sample_every) == 0 and not last:
+        sample_grid(pipe, state, frozen, c, workdir, iteration)
+      if stop.requested(iteration):
+        stopped_by_signal = True
+      if iteration % int(c.train.checkpoint_every) == 0 or last or stopped_by_signal:
+        ckpt.save(iteration, state=state, rng=rng, data_state=it.state(), config=config_json,
+                  extra={EXTRA_ADVANTAGES: tracker.state_dict()})
+      if stopped_by_signal:
+        logging.warning("stopped by a signal after iteration %d; checkpoint saved, rerun to resume", iteration)
+        break
+      if not last:
+        host = next(it)
+  bar.close()
+  ckpt.wait()
+  summary.update({"final_iteration": iteration, "optimizer_steps": int(state.step),
+                  "stopped_by_signal": stopped_by_signal, "skipped_updates": counter.total,
+                  "bad_records": it.bad_records, "advantages": tracker.stats()})
+  if not stopped_by_signal:
+    sample_grid(pipe, state, frozen, c, workdir, iteration)
+    if c.train.export:
+      summary["export"] = export_pipeline(pipe, state, frozen, os.path.join(workdir, "export"))
+  ckpt.close()
+  writer.close()
+  summary["wall_s"] = round(time.time() - t_start, 2)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
