@@ -113,6 +113,7 @@ def test_update_moves_log_probs_toward_the_advantages(world):
   assert delta[0] > delta[1], delta
 
 
+@pytest.mark.slow   # kept out of `make test` for time; `make test-slow` runs it
 def test_ten_iterations_make_images_darker_with_one_trace(world):
   config = DDPOConfig(num_steps=10, eta=1.0, guidance_scale=1.0, clip_range=1e-4, adv_clip=5.0)
   prompts = [f"p{i % 4}" for i in range(32)]

@@ -123,6 +123,7 @@ def test_diffusion_dpo_learns_with_lora():
   assert _last(history, "loss") < history[0]["loss"] - 0.15
 
 
+@pytest.mark.slow   # kept out of `make test` for time; `make test-slow` runs it
 def test_sc_dpo_learns_with_lora():
   history = _run("sc_dpo")["history"]
   first = history[0]
@@ -136,6 +137,7 @@ def test_sc_dpo_learns_with_lora():
   assert _last(history, "focus_weight_std") > 0.1 and _last(history, "focus_weight_max") > 1.5
 
 
+@pytest.mark.slow   # kept out of `make test` for time; `make test-slow` runs it
 def test_duo_learns_with_self_attention_lora():
   history = _run("duo")["history"]
   first = history[0]
@@ -148,6 +150,7 @@ def test_duo_learns_with_self_attention_lora():
   assert 0 < _last(history, "loss_prior") < 1e-3
 
 
+@pytest.mark.slow   # kept out of `make test` for time; `make test-slow` runs it
 def test_full_finetuning_learns_against_a_frozen_copy():
   run = _run("full")
   history, state, frozen = run["history"], run["state"], run["frozen"]

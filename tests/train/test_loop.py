@@ -110,6 +110,7 @@ def test_sigterm_mid_run_then_restart_is_bit_identical(uninterrupted):
   assert _unet_bytes(workdir) == _unet_bytes(reference)
 
 
+@pytest.mark.slow   # kept out of `make test` for time; `make test-slow` runs it
 def test_injected_nonfinite_steps_are_skipped_and_counted(uninterrupted):
   root, cache, _ = uninterrupted
   workdir = root / "nonfinite"
@@ -124,7 +125,7 @@ def test_injected_nonfinite_steps_are_skipped_and_counted(uninterrupted):
 
 
 @pytest.mark.xdist_group("trainer_methods")
-@pytest.mark.parametrize("method", ["sc_dpo", "duo"])
+@pytest.mark.parametrize("method", [pytest.param("sc_dpo", marks=pytest.mark.slow), "duo"])
 def test_other_methods_train_and_export_for_diffusers(tmp_path_factory, method):
   root = tmp_path_factory.mktemp(method)
   workdir = root / "run"
