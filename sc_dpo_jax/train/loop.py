@@ -273,9 +273,16 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   ckpt.wait()
   summary.update({"final_step": step_index, "stopped_by_signal": stopped_by_signal,
                   "skipped_updates": counter.total, "bad_records": it.bad_records})
+  return finish_run(pipe, state, frozen, c, workdir, step_index, ckpt=ckpt, writer=writer, summary=summary,
+                    t_start=t_start, stopped_by_signal=stopped_by_signal)
+
+
+def finish_run(pipe, state, frozen, config, workdir, step, *, ckpt, writer, summary, t_start, stopped_by_signal):
+  """The end every trainer shares: unless a signal stopped the run, the last sample grid and the export; then
+  close the checkpointer and the metrics, and write ``summary.json`` (process 0)."""
   if not stopped_by_signal:
-    sample_grid(pipe, state, frozen, c, workdir, step_index)
-    if c.train.export:
+    sample_grid(pipe, state, frozen, config, workdir, step)
+    if config.train.export:
       summary["export"] = export_pipeline(pipe, state, frozen, os.path.join(workdir, "export"))
   ckpt.close()
   writer.close()

@@ -78,7 +78,7 @@ from sc_dpo_jax.train import ddpo, dpo_steps, guard, optim
 from sc_dpo_jax.train import metrics as metrics_lib
 from sc_dpo_jax.train import state as state_lib
 from sc_dpo_jax.train.advantages import PerPromptAdvantages
-from sc_dpo_jax.train.loop import barrier, export_pipeline, load_models, sample_grid
+from sc_dpo_jax.train.loop import barrier, finish_run, load_models, sample_grid
 from sc_dpo_jax.train.preemption import StopSignal
 
 METHOD = "shielddiff_rl"
@@ -531,15 +531,6 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   summary.update({"final_iteration": iteration, "optimizer_steps": int(state.step),
                   "stopped_by_signal": stopped_by_signal, "skipped_updates": counter.total,
                   "bad_records": it.bad_records, "advantages": tracker.stats()})
-  if not stopped_by_signal:
-    sample_grid(pipe, state, frozen, c, workdir, iteration)
-    if c.train.export:
-      summary["export"] = export_pipeline(pipe, state, frozen, os.path.join(workdir, "export"))
-  ckpt.close()
-  writer.close()
-  summary["wall_s"] = round(time.time() - t_start, 2)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
-  return summary
+  return finish_run(pipe, state, frozen, c, workdir, iteration, ckpt=ckpt, writer=writer, summary=summary,
+                    t_start=t_start, stopped_by_signal=stopped_by_signal)
 
