@@ -1,6 +1,6 @@
 """A tiny SD2-style UNet through the whole interop path: diffusers folder in, training steps, folder out.
 
-It is ``make demo`` until the toy world exists. Run it with:
+A job of its own (``make demo`` runs the toy world). Run it with:
 
   python -m sc_dpo_jax.main --config=configs/unet_interop.py --workdir=workdir/unet_interop
 

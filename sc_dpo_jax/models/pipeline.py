@@ -145,8 +145,12 @@ class StableDiffusion:
       sl = slice(start, start + batch_size)
       ids, neg_ids = self.tokenizer(prompts[sl]), self.tokenizer(negatives[sl])
       init = latents[sl] if latents is not None else images[sl]
+      n = len(init)
+      if len(starts) > 1 and n < batch_size:   # one program for every batch: pad the last one, then drop it
+        ids, neg_ids, init = (np.concatenate([a, np.repeat(a[-1:], batch_size - n, axis=0)])
+                              for a in (np.asarray(ids), np.asarray(neg_ids), np.asarray(init)))
       batch = fn(self.params, ids, neg_ids, init, jnp.float32(guidance), jax.random.fold_in(key, b))
-      out.append(np.asarray(batch))
+      out.append(np.asarray(batch)[:n])
     result = np.concatenate(out)
     if output == "uint8":
       result = np.round(result * 255).astype(np.uint8)

@@ -12,6 +12,7 @@ from sc_dpo_jax import diffusion, jobs, models
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow   # 70-130 s; the trainers' e2e tests cover main -> export -> diffusers in `make test`
 def test_main_runs_the_job_and_exports_a_model_diffusers_reads(tmp_path):
   workdir = tmp_path / "run"
   cmd = [sys.executable, "-m", "sc_dpo_jax.main", "--config=configs/unet_interop.py", f"--workdir={workdir}",

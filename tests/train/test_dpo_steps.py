@@ -1,7 +1,8 @@
 """The DPO-family train steps (train/dpo_steps.py) on a tiny UNet, with the optimiser and state they use.
 
 Learning: 8 fixed pairs of 8x8x4 latents whose chosen and rejected images differ systematically (a shared
-random part plus or minus a fixed wave pattern), random text states. Each method trains 30 steps; the checks
+random part plus or minus a fixed wave pattern), random text states. Each method trains 30 steps (the fast suite trains only Diffusion-DPO; SC-DPO, DUO and
+full fine-tuning learn under `make test-slow`, and the fast suite checks their metrics by tracing); the checks
 are directions with margins (accuracy well above 0.5, loss well below its start), not exact numbers. Compiled
 steps are shared through module-level caches: one program per method (compiling the tiny UNet's step takes
 15-40 s of a CPU), so the file runs in about two minutes.
@@ -166,7 +167,12 @@ def test_full_finetuning_learns_against_a_frozen_copy():
 
 # ------------------------------------------------------------------------------------- LoRA and reference
 
-@pytest.mark.parametrize("name", ["diffusion_dpo", "sc_dpo", "duo"])
+# The fast suite trains (and so compiles) only diffusion_dpo; the other methods run under `make test-slow`.
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", ["diffusion_dpo", pytest.param("sc_dpo", marks=_SLOW),
+                                  pytest.param("duo", marks=_SLOW)])
 def test_lora_keeps_base_bit_identical(name):
   run = _run(name)
   jax.tree.map(np.testing.assert_array_equal, run["frozen"][state_lib.BASE_UNET], run["initial"])
@@ -188,10 +194,21 @@ def test_reference_ignores_the_adapters():
   assert state_lib.reference_params(run["state"].params, frozen) is frozen[state_lib.BASE_UNET]
 
 
-def test_each_step_is_traced_once():
-  for name in RUNS:
-    assert _run(name)["step"].trace_count == 1, name
-  assert _run("diffusion_dpo")["eval"].trace_count == 1
+@pytest.mark.parametrize("name", ["diffusion_dpo", pytest.param("sc_dpo", marks=_SLOW),
+                                  pytest.param("duo", marks=_SLOW), pytest.param("full", marks=_SLOW)])
+def test_each_step_is_traced_once(name):
+  assert _run(name)["step"].trace_count == 1, name
+  if name == "diffusion_dpo":
+    assert _run(name)["eval"].trace_count == 1
+
+
+def _metric_shapes(name):
+  """The metrics a step of run ``name`` returns, as shapes and dtypes (traced by eval_shape, not compiled)."""
+  unet, schedule, _, batch, _ = _world()
+  state, frozen, objective = _fresh(name)
+  step = dpo_steps.make_dpo_step(unet, schedule, objective)
+  _, metrics = jax.eval_shape(step.fn, state, frozen, batch, RNG)
+  return metrics
 
 
 def test_metrics_and_learning_rate():
@@ -203,11 +220,14 @@ def test_metrics_and_learning_rate():
   common = {"loss", "implicit_accuracy", "tie_fraction", "reward_w", "reward_l", "reward_margin", "err_w",
             "err_l", "ref_err_w", "ref_err_l", "grad_norm", "learning_rate"}
   assert common <= set(history[0])
-  assert {"margin", "margin_accuracy", "focus_weight_std", "cost_w", "cost_l"} <= set(_run("sc_dpo")["history"][0])
-  assert {"loss_dpo", "loss_prior"} <= set(_run("duo")["history"][0])
-  for name in RUNS:
-    for m in _run(name)["history"]:
-      assert all(np.shape(v) == () and np.asarray(v).dtype == np.float32 for v in m.values()), name
+  for m in history:
+    assert all(np.shape(v) == () and np.asarray(v).dtype == np.float32 for v in m.values())
+  extra = {"sc_dpo": {"margin", "margin_accuracy", "focus_weight_std", "cost_w", "cost_l"},
+           "duo": {"loss_dpo", "loss_prior"}, "full": set()}
+  for name, keys in extra.items():
+    metrics = _metric_shapes(name)
+    assert common | keys <= set(metrics), name
+    assert all(m.shape == () and m.dtype == jnp.float32 for m in metrics.values()), name
 
 
 # ------------------------------------------------------------------------------------------------ noising
