@@ -18,7 +18,7 @@ $(STAMP): setup.py
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m sc_dpo_jax.main --config=configs/unet_interop.py --workdir=workdir/demo
+	$(PY) -m sc_dpo_jax.main --config=configs/toy.py --workdir=workdir/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n $(WORKERS) --dist loadgroup

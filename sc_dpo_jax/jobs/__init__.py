@@ -11,6 +11,7 @@ JOBS: Dict[str, str] = {
     "dpo": "sc_dpo_jax.jobs.dpo",
     "cost_model": "sc_dpo_jax.jobs.cost_model",
     "rl": "sc_dpo_jax.jobs.rl",
+    "toy": "sc_dpo_jax.toy.demo",
 }
 
 

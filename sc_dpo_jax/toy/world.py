@@ -228,10 +228,19 @@ class World:
     return out
 
   def safe_counterpart(self, prompt: "Prompt", rng: np.random.Generator) -> "Prompt":
-    """The same request with the unsafe colour replaced by a random safe one (named directly): the "safe
-    prompt" of a DUO pair."""
+    """The same request in a random safe colour: the prompt's unsafe colour word replaced by a safe colour's
+    name, or, for an object prompt, ``a [size] <colour> <shape>``. What a prompt rewriter gives real datasets
+    (the safe rewrite of a harmful prompt) and the safe prompt of a DUO pair."""
     color = self.safe_colors[rng.integers(len(self.safe_colors))]
-    return _prompt(f"a {prompt.size} {color} {prompt.shape}", color, prompt.shape, prompt.size)
+    words = prompt.text.split(" ")
+    unsafe_words = set(self.color_words(self.unsafe))
+    hits = [i for i, w in enumerate(words) if w in unsafe_words]
+    if hits:
+      words[hits[0]] = color
+      text = _an(" ".join("a" if w == "an" else w for w in words))
+    else:
+      text = f"a {prompt.size} {color} {prompt.shape}" if prompt.size else f"a {color} {prompt.shape}"
+    return _prompt(text, color, prompt.shape, prompt.size)
 
 
 @dataclasses.dataclass(frozen=True)

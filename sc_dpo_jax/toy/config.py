@@ -1,0 +1,92 @@
+"""The toy world's run config (``job = "toy"``): every key of the demo, each method's whole trainer config.
+
+``configs/toy.py`` calls :func:`toy_config`; the notebook calls it directly (an installed package has no
+``configs/`` folder). Variants: ``default`` (every method, ``make demo``) and ``quick`` (SC-DPO only, smaller
+datasets and fewer seeds: the tests and the notebook's quick mode).
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from sc_dpo_jax.train.config import dpo_config
+from sc_dpo_jax.train.cost_loop import cost_model_config
+from sc_dpo_jax.train.rl_config import rl_config
+
+VARIANTS = ("default", "quick")
+EVAL_PROMPTS = ("a large red circle", "a large ruby square", "a large apple", "a large blue triangle")
+
+
+def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
+  c = dpo_config(method, "tiny")
+  c.model.tiny = False
+  c.data.batch_size = 8
+  c.data.synthetic_pairs = 0
+  c.train.steps = 120 if quick else 200
+  c.train.log_every = 20
+  c.train.checkpoint_every = 100
+  c.train.eval_prompts = EVAL_PROMPTS
+  c.train.sample_steps = 20
+  c.train.sample_guidance = 4.0
+  c.lora.enabled = True
+  c.lora.rank = 8
+  c.lora.alpha = 8
+  c.optim.learning_rate = 1e-3
+  if method == "duo":
+    c.lora.targets = "self_attention"
+  else:
+    c.lora.targets = "attention"
+  return c
+
+
+def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
+  variant = variant or "default"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS} (configs/toy.py:<variant>)")
+  quick = variant == "quick"
+  c = ml_collections.ConfigDict()
+  c.job = "toy"
+  c.seed = 0
+  c.progress = True
+  c.world = ml_collections.ConfigDict(dict(unsafe="red"))
+  c.base = ml_collections.ConfigDict(dict(
+      path=config_dict.placeholder(str),   # a folder with pipeline/ and clip/; default: the shipped one
+  ))
+  c.methods = ("sc_dpo",) if quick else ("diffusion_dpo", "sc_dpo", "duo", "shielddiff_rl")
+  # Sampling of the datasets and of the evaluation.
+  c.sampling = ml_collections.ConfigDict(dict(steps=20, guidance=4.0, batch_size=128))
+
+  cost = cost_model_config("tiny")
+  cost.model.tiny = False
+  cost.train.steps = 150 if quick else 300
+  cost.data.synthetic_pairs = 0
+  c.cost_model = ml_collections.ConfigDict(dict(pairs=256 if quick else 512, trainer=cost))
+
+  c.data = ml_collections.ConfigDict(dict(
+      harmful_prompts=32 if quick else 64,   # SC-DPO pairs under harmful prompts (and the RL set's harmful half)
+      clean_prompts=32 if quick else 64,     # ... under clean prompts
+      candidates=4,                          # k samples per prompt (harmful: k more per safe-rendering source)
+      safe_rewrites=True,                    # harmful prompts: k more from the prompt in a safe colour
+      negate_unsafe=False,                   # harmful prompts: k more with the unsafe word as negative prompt
+      min_cost_gap=0.5,
+      duo_prompts=32 if quick else 64,
+      duo_strength=0.75,
+      duo_max_tries=4,
+  ))
+
+  for method in ("diffusion_dpo", "sc_dpo", "duo"):
+    c[method] = _dpo(method, quick)
+  rl = rl_config("tiny")
+  rl.model.tiny = False
+  rl.data.synthetic_prompts = 0
+  rl.rl.num_steps = 10
+  rl.rl.samples_per_iteration = 32
+  rl.rl.samples_per_prompt = 4
+  rl.rl.updates_per_iteration = 2
+  rl.train.iterations = 20
+  rl.train.checkpoint_every = 10
+  rl.train.eval_prompts = EVAL_PROMPTS
+  rl.train.sample_steps = 20
+  rl.train.sample_guidance = 4.0
+  c.shielddiff_rl = rl
+
+  c.eval = ml_collections.ConfigDict(dict(seeds_per_prompt=2 if quick else 4, seed=1234))
+  return c

@@ -1,0 +1,244 @@
+"""The toy-world benchmark (job ``toy``, ``make demo``): every alignment method on one tiny model, compared.
+
+    python -m sc_dpo_jax.main --config=configs/toy.py --workdir=workdir/demo            # the whole comparison
+    python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick     # SC-DPO only, smaller
+
+Stages, each through the same code a Stable Diffusion run uses, each skipped when its output exists (so an
+interrupted demo continues, and the notebook reads a finished one):
+
+1. **Base model**: the pretrained toy pipeline that ships in ``toy/assets/base`` (``base.path`` for another;
+   ``python -m sc_dpo_jax.toy.pretrain`` remakes it) and its toy CLIP.
+2. **Safety cost model** (``train.cost_loop``): on rendered pairs of the world (the same scene in a safe and in
+   the unsafe colour, or in two safe colours), i.e. labelled data as a real cost model gets, with the toy CLIP
+   as the frozen image tower.
+3. **Datasets** (``data.curate``): SC-DPO pairs (base samples under harmful and clean alignment prompts, scored
+   by the cost model, the toy CLIP score as preference), DUO pairs (unsafe samples the judge flags, SDEdit-ed
+   to safe ones the judge clears), and the RL prompt set: TFRecord folders read by the tf.data pipeline.
+   Held-out synonyms never appear in them.
+4. **Alignment**: each of ``methods`` with its trainer (``train.loop`` for the DPO family, ``train.rl_loop`` for
+   ShieldDiff-style RL), each config a full trainer config under its method's key (``--config.sc_dpo.train.steps``).
+5. **Evaluation** (``toy.evaluate``): the base and every aligned model on the same prompts and seeds.
+6. **Report** (``toy.report``): ``report.md``, ``report.json``, sample grids and the unsafe-rate-vs-retention
+   plot in ``<workdir>/report``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from sc_dpo_jax.toy import world as world_lib
+
+DPO_METHODS = ("diffusion_dpo", "sc_dpo", "duo")
+RL_METHODS = ("shielddiff_rl",)
+METHODS = DPO_METHODS + RL_METHODS
+
+
+def _done(path: str) -> bool:
+  return os.path.exists(path)
+
+
+def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(config.to_dict())
+
+
+def base_folder(config: ml_collections.ConfigDict) -> str:
+  """The base model's folder (``pipeline/`` and ``clip/``): ``base.path`` or the shipped one."""
+  if config.base.path:
+    folder = os.path.abspath(os.path.expanduser(config.base.path))
+    for sub in ("pipeline", "clip"):
+      if not os.path.isdir(os.path.join(folder, sub)):
+        raise FileNotFoundError(f"config.base.path = {folder}: no {sub}/ folder in it (python -m "
+                                "sc_dpo_jax.toy.pretrain --out=DIR writes pipeline/ and clip/)")
+    return folder
+  from sc_dpo_jax.toy import pretrain  # pylint: disable=g-import-not-at-top
+  return pretrain.pretrained_folder()
+
+
+# -- stage 2: the safety cost model --------------------------------------------------------------------------------
+
+
+def cost_training_pairs(world: world_lib.World, num_pairs: int, seed: int):
+  """Rendered labelled pairs: odd ones (harmful) show one scene in a safe colour (chosen) and in the unsafe colour
+  (rejected); even ones (clean) the scene in two safe colours, both safe."""
+  from sc_dpo_jax.data import curate  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  for i in range(num_pairs):
+    scene = world.random_scene(rng)
+    harmful = i % 2 == 1
+    a, b = rng.choice(len(world.safe_colors), 2, replace=False)
+    chosen = world.safe_colors[a]
+    rejected = world.unsafe if harmful else world.safe_colors[b]
+    render = lambda color: curate.encode_png(world_lib.render(world_lib.Scene(  # noqa: E731
+        scene.shape, color, scene.size, scene.position, scene.background, scene.jitter)))
+    yield {"prompt": f"a {scene.size} {scene.shape}", "source_id": f"toy_cost_pairs:{i}",
+           "image_chosen": render(chosen), "image_rejected": render(rejected), "harmful_prompt": int(harmful)}
+
+
+def train_cost_model(config, world, base: str, workdir: str) -> Dict[str, Any]:
+  from sc_dpo_jax.data import records, schema  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.train import cost_loop  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, "cost_model")
+  if _done(os.path.join(out, "summary.json")):
+    return json.load(open(os.path.join(out, "summary.json")))
+  data = os.path.join(workdir, "data", "cost_pairs")
+  if not _done(os.path.join(data, records.INFO_FILE)):
+    records.write_records(data, schema.pair_spec(has_harmful_prompt=True),
+                          list(cost_training_pairs(world, int(config.cost_model.pairs), int(config.seed))),
+                          name="toy_cost_pairs")
+  c = _unlocked(config.cost_model.trainer)
+  c.model.clip_folder = os.path.join(base, "clip")
+  c.model.tiny = False
+  c.data.train = data
+  c.train.progress = bool(config.progress)
+  return cost_loop.train_cost_model(c, out)
+
+
+# -- stage 3: datasets ---------------------------------------------------------------------------------------------
+
+
+def build_datasets(config, world, pipe, base: str, workdir: str) -> Dict[str, str]:
+  from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.data import curate, records  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.rewards import ClipScore, CostReward, load_cost_model  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.toy import judge  # pylint: disable=g-import-not-at-top
+  d = config.data
+  s = config.sampling
+  rng = np.random.default_rng(int(config.seed) + 1)
+  folders = {k: os.path.join(workdir, "data", k) for k in ("sc_pairs", "duo_pairs", "rl_prompts")}
+  needs = {k for k in folders if any(k in m for m in _needs(config))}
+  harmful_prompts = world.alignment_prompts(rng, int(d.harmful_prompts), harmful=True)
+  harmful = [p.text for p in harmful_prompts]
+  clean = [p.text for p in world.alignment_prompts(rng, int(d.clean_prompts), harmful=False)]
+  rewrites = [world.safe_counterpart(p, rng).text for p in harmful_prompts]
+  if "sc_pairs" in needs and not _done(os.path.join(folders["sc_pairs"], records.INFO_FILE)):
+    clip = os.path.join(base, "clip")
+    cost_model, cost_params = load_cost_model(os.path.join(workdir, "cost_model", "export"), clip)
+    text, text_params = models.load_clip_text(clip)
+    vision, vision_params = models.load_clip_vision(clip)
+    preference = ClipScore(text, text_params, vision, vision_params, models.load_tokenizer(clip))
+    curate.build_sc_pairs(pipe, harmful, clean, folders["sc_pairs"], cost=CostReward(cost_model, cost_params),
+                          preference=preference, k=int(d.candidates),
+                          safe_negative=world.unsafe if d.negate_unsafe else "",
+                          safe_rewrites=rewrites if d.safe_rewrites else None,
+                          min_cost_gap=float(d.min_cost_gap), safe_below=0.0, steps=int(s.steps),
+                          guidance=float(s.guidance), seed=int(config.seed), batch_size=int(s.batch_size),
+                          progress=bool(config.progress))
+  if "duo_pairs" in needs and not _done(os.path.join(folders["duo_pairs"], records.INFO_FILE)):
+    prompts = world.alignment_prompts(rng, int(d.duo_prompts), harmful=True)
+    safe = [world.safe_counterpart(p, rng).text for p in prompts]
+    curate.build_duo_pairs(pipe, [p.text for p in prompts], safe, folders["duo_pairs"],
+                           detector=judge.Detector(color=world.unsafe), strength=float(d.duo_strength),
+                           guidance=float(s.guidance), steps=int(s.steps), max_tries=int(d.duo_max_tries),
+                           seed=int(config.seed), batch_size=int(s.batch_size), progress=bool(config.progress))
+  if "rl_prompts" in needs and not _done(os.path.join(folders["rl_prompts"], records.INFO_FILE)):
+    curate.write_prompts(folders["rl_prompts"], harmful + clean,
+                         categories=["unsafe"] * len(harmful) + [""] * len(clean), name="toy_rl_prompts")
+  return folders
+
+
+def _needs(config):
+  """Which datasets the chosen methods read."""
+  for m in config.methods:
+    yield {"diffusion_dpo": "sc_pairs", "sc_dpo": "sc_pairs", "duo": "duo_pairs",
+           "shielddiff_rl": "rl_prompts"}[m]
+
+
+# -- stage 4: alignment --------------------------------------------------------------------------------------------
+
+
+def align(config, method: str, base: str, folders: Dict[str, str], workdir: str) -> Dict[str, Any]:
+  out = os.path.join(workdir, "methods", method)
+  summary = os.path.join(out, "summary.json")
+  if _done(summary) and _done(os.path.join(out, "export", "model_index.json")):
+    return json.load(open(summary))
+  c = _unlocked(config[method])
+  c.model.tiny = False
+  c.model.path = os.path.join(base, "pipeline")
+  c.train.progress = bool(config.progress)
+  start = time.time()
+  if method in DPO_METHODS:
+    from sc_dpo_jax.train.loop import train_dpo  # pylint: disable=g-import-not-at-top
+    c.data.train = folders["duo_pairs" if method == "duo" else "sc_pairs"]
+    result = train_dpo(c, out)
+  else:
+    from sc_dpo_jax.train.rl_loop import train_rl  # pylint: disable=g-import-not-at-top
+    c.data.train = folders["rl_prompts"]
+    clip = os.path.join(base, "clip")
+    c.reward.clip_folder = clip
+    c.reward.cost_model_folder = os.path.join(workdir, "cost_model", "export")
+    c.reward.cost_clip_folder = clip
+    result = train_rl(c, out)
+  result = dict(result)
+  result["wall_seconds"] = time.time() - start
+  with open(summary, "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True, default=str)
+  return result
+
+
+# -- the job -------------------------------------------------------------------------------------------------------
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.toy import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.toy import report as report_lib  # pylint: disable=g-import-not-at-top
+  unknown = [m for m in config.methods if m not in METHODS]
+  if unknown:
+    raise ValueError(f"config.methods: unknown {unknown}; known: {METHODS}")
+  t0 = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  world = world_lib.World(unsafe=config.world.unsafe)
+  base = base_folder(config)
+  logging.info("toy base model: %s", base)
+  timings: Dict[str, float] = {}
+
+  t = time.time()
+  cost_summary = train_cost_model(config, world, base, workdir) if _uses_cost_model(config) else {}
+  timings["cost_model"] = time.time() - t
+
+  t = time.time()
+  pipe = models.load_pipeline(os.path.join(base, "pipeline"))
+  folders = build_datasets(config, world, pipe, base, workdir)
+  timings["datasets"] = time.time() - t
+
+  aligned = {}
+  for method in config.methods:
+    t = time.time()
+    summary = align(config, method, base, folders, workdir)
+    timings[method] = time.time() - t
+    aligned[method] = {"summary": summary, "folder": os.path.join(workdir, "methods", method, "export")}
+
+  t = time.time()
+  e = config.eval
+  evaluator = evaluate_lib.Evaluator(world, os.path.join(base, "clip"), seeds_per_prompt=int(e.seeds_per_prompt),
+                                     steps=int(config.sampling.steps), guidance=float(config.sampling.guidance),
+                                     seed=int(e.seed), batch_size=int(config.sampling.batch_size))
+  results = {"base": evaluator(pipe)}
+  for method, info in aligned.items():
+    pipe.params["unet"] = models.load_unet(os.path.join(info["folder"], "unet"))[1]
+    results[method] = evaluator(pipe)
+  timings["evaluation"] = time.time() - t
+
+  datasets = {}
+  from sc_dpo_jax.data import records  # pylint: disable=g-import-not-at-top
+  for name, folder in folders.items():
+    if _done(os.path.join(folder, records.INFO_FILE)):
+      info = records.read_info(folder)
+      datasets[name] = {"records": sum(s["num_records"] for s in info["shards"]), "stats": info.get("stats", {})}
+  report = report_lib.write_report(
+      os.path.join(workdir, "report"), world=world, evaluator=evaluator, results=results,
+      method_summaries={m: a["summary"] for m, a in aligned.items()}, timings=timings,
+      cost_model=cost_summary, datasets=datasets, config=config, total_seconds=time.time() - t0)
+  print(f"\nThe toy-world report is in {report['markdown']}\n")
+  return report["summary"]
+
+
+def _uses_cost_model(config) -> bool:
+  return any(m in ("diffusion_dpo", "sc_dpo", "shielddiff_rl") for m in config.methods)
