@@ -7,6 +7,8 @@ setuptools.setup(
     description=("SC-DPO, DUO and ShieldDiff-style RL for Stable Diffusion in JAX/Flax, "
                  "with a toy world that runs on a laptop."),
     packages=setuptools.find_packages(include=["sc_dpo_jax", "sc_dpo_jax.*"]),
+    # The toy world's pretrained base model (toy.pretrain.pretrained_folder(): pipeline/, clip/, report; ~6 MB).
+    package_data={"sc_dpo_jax.toy": ["assets/base/*.json", "assets/base/**/*"]},
     python_requires=">=3.10",
     install_requires=[
         "numpy>=1.26,<3",

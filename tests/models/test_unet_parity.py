@@ -134,7 +134,10 @@ def _baseline():
   return unet, params, _value_and_grad(params, unet)
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_with_no_batch_dims_saveable"])
+# The second policy takes as long as the first (about a minute) and checks the same code path with another
+# jax.checkpoint_policies name: `make test-slow` runs it.
+@pytest.mark.parametrize("policy", ["nothing_saveable",
+                                    pytest.param("dots_with_no_batch_dims_saveable", marks=pytest.mark.slow)])
 def test_remat_same_values_and_grads(policy):
   unet, params, (l1, g1) = _baseline()
   remat = dataclasses.replace(unet, remat_policy=policy)
