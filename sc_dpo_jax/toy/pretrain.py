@@ -1,6 +1,6 @@
 """Pretrains the toy world's base model on a CPU: a tiny VAE, a tiny CLIP and a tiny text-to-image UNet.
 
-    python -m sc_dpo_jax.toy.pretrain --out=workdir/toy_base            # the full run (about 10 minutes, 2 cores)
+    python -m sc_dpo_jax.toy.pretrain --out=workdir/toy_base            # the full run: 10-14 min on 2 busy cores
     python -m sc_dpo_jax.toy.pretrain --out=/tmp/toy_quick --quick      # a few steps of each stage (plumbing)
 
     folder = pretrain.pretrained_folder()                 # the shipped result: pipeline/, clip/, report

@@ -1,5 +1,9 @@
 """The toy world's word tokenizer and pretraining: quick pretraining writes folders that our loaders, diffusers and
-transformers read (with the same outputs), and the shipped base model draws the unsafe colour when asked."""
+transformers read (with the same outputs), and the shipped base model draws the unsafe colour when asked.
+
+Time (2-core CPU, busy with other work): ~45 s for the quick pretraining (compiling its jitted steps without
+XLA's expensive passes), ~15 s for the shipped model's sampler, ~20 s for the rest (torch, diffusers).
+"""
 import json
 import os
 
@@ -12,6 +16,8 @@ from sc_dpo_jax.toy import judge, pretrain, world
 from sc_dpo_jax.toy.tokenizer import check_single_tokens, save_word_tokenizer, word_tokenizer
 
 TOL = 1e-4
+# The tests of the quick pretraining share its module fixture: one xdist worker runs them all, so it runs once.
+QUICK_GROUP = pytest.mark.xdist_group("toy_pretrain_quick")
 
 
 def test_every_world_word_is_one_token_and_the_folder_round_trips(tmp_path):
@@ -50,6 +56,7 @@ def quick(tmp_path_factory):
   return out, report
 
 
+@QUICK_GROUP
 def test_quick_pretraining_writes_what_diffusers_and_our_loader_read(quick):
   import torch
   from diffusers import StableDiffusionPipeline
@@ -68,6 +75,9 @@ def test_quick_pretraining_writes_what_diffusers_and_our_loader_read(quick):
                                 word_tokenizer()(["a large vermilion square"]))
   theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
   assert type(theirs.scheduler).__name__ == "DDIMScheduler"
+  prompts = [p.text for ps in world.prompt_sets().values() for p in ps]
+  np.testing.assert_array_equal(theirs.tokenizer(prompts, padding="max_length", max_length=16,
+                                                 return_tensors="np")["input_ids"], ours.tokenizer(prompts))
 
   rng = np.random.RandomState(0)
   sample = rng.randn(2, 8, 8, 4).astype(np.float32)
@@ -84,6 +94,7 @@ def test_quick_pretraining_writes_what_diffusers_and_our_loader_read(quick):
   np.testing.assert_allclose(got, ref, atol=TOL)
 
 
+@QUICK_GROUP
 def test_quick_pretraining_writes_a_clip_that_transformers_and_the_rewards_read(quick, tmp_path):
   import torch
   from transformers import CLIPModel
