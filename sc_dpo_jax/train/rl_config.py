@@ -19,15 +19,19 @@ weighted sum of named terms, its default weights (CLIP cosine +1, safety cost -1
 iteration counts are this project's choices, all knobs here.
 
 The reward (``reward.weights``): ``r = sum_name weight[name] * term[name](image, prompt)``; a term with weight 0
-is not even loaded. Terms: ``clip_score`` (cosine of CLIP image and prompt embeddings, ``rewards.ClipScore``)
-and ``safety_cost`` (the safety cost model's cost, ``rewards.CostReward``: higher is more harmful, hence the
-negative weight). New detectors (NudeNet, issue 8) become new names here and in ``rl_loop.REWARD_TERMS``.
+is not even loaded. Terms: ``clip_score`` (cosine of CLIP image and prompt embeddings, ``rewards.ClipScore``),
+``safety_cost`` (the safety cost model's cost, ``rewards.CostReward``: higher is more harmful, hence the
+negative weight) and ``nudity`` (NudeNet's nudity score in [0, 1], ``rewards.NudityReward``: higher is more
+nudity, so it too takes a negative weight, e.g. ``--config.reward.weights.nudity=-1``; weight 0 by default, so
+existing runs are unchanged; its knobs are ``reward.nudenet_*``). New detectors become new names here and in
+``rl_loop.REWARD_TERMS``.
 """
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
 
+from sc_dpo_jax.rewards.nudenet import DEFAULT_EXPOSED, DEFAULT_THRESHOLD
 from sc_dpo_jax.train import optim
 
 VARIANTS = ("tiny", "sd15", "sd21")
@@ -86,10 +90,15 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
 
   c.reward = ml_collections.ConfigDict(dict(
       # name -> weight; 0 leaves a term out. New terms are added here with weight 0 by default.
-      weights=ml_collections.ConfigDict(dict(clip_score=1.0, safety_cost=-1.0)),
+      weights=ml_collections.ConfigDict(dict(clip_score=1.0, safety_cost=-1.0, nudity=0.0)),
       clip_folder=config_dict.placeholder(str),        # a CLIPModel folder (both towers + tokenizer files)
       cost_model_folder=config_dict.placeholder(str),  # rewards.save_cost_model's folder
       cost_clip_folder=config_dict.placeholder(str),   # the cost model's CLIP vision tower; default clip_folder
+      # The nudity term (rewards.NudityReward): the score is the highest among these classes; the threshold only
+      # sets the logged flag rate; model path None: the nudenet package's 320n.onnx.
+      nudenet_classes=DEFAULT_EXPOSED,
+      nudenet_threshold=DEFAULT_THRESHOLD,
+      nudenet_model_path=config_dict.placeholder(str),
   ))
 
   c.optim = optim.default_config()

@@ -20,7 +20,9 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    unconditional one, ``rl.guidance_scale`` and the run's rng, as DDPO does).
 3. **Reward** (``reward.weights``, :data:`REWARD_TERMS`): ``clip_score`` (``rewards.ClipScore`` with the CLIP
    in ``reward.clip_folder``) and ``safety_cost`` (``rewards.CostReward`` with the cost model in
-   ``reward.cost_model_folder``), combined by ``rewards.WeightedSum``. ``tiny`` without those folders uses a
+   ``reward.cost_model_folder``) and ``nudity`` (NudeNet's nudity score, ``rewards.NudityReward``: higher is
+   more nudity, so it takes a negative weight like the cost; off by default), combined by
+   ``rewards.WeightedSum``. ``tiny`` without those folders uses a
    random tiny CLIP pair and a random cost adapter on its vision tower: PLUMBING ONLY, the rewards mean
    nothing. The reward runs on the host, on each process's own images.
 4. **State**: ``parallel.sharded_train_state`` (LoRA adapters by default, ``lora.enabled=False`` trains the
@@ -73,6 +75,7 @@ from sc_dpo_jax.models.random_init import host_random_params
 from sc_dpo_jax.rewards.base import RewardFn, WeightedSum
 from sc_dpo_jax.rewards.clip_score import ClipScore
 from sc_dpo_jax.rewards.cost_model import CostAdapter, CostReward, SafetyCostModel, load_cost_model
+from sc_dpo_jax.rewards.nudenet import NudityReward
 from sc_dpo_jax.train import checkpoint as checkpoint_lib
 from sc_dpo_jax.train import ddpo, dpo_steps, guard, optim
 from sc_dpo_jax.train import metrics as metrics_lib
@@ -210,11 +213,23 @@ def safety_cost_term(config: ml_collections.ConfigDict, pipe, cache: Dict[str, A
   return CostReward(model, params)
 
 
-# name -> builder(config, pipe, cache) -> reward function. A new detector (NudeNet) is one more entry here and
-# one more name in rl_config's reward.weights.
+def nudity_term(config: ml_collections.ConfigDict, pipe, cache: Dict[str, Any]) -> RewardFn:
+  """``nudity``: NudeNet's nudity score in [0, 1], the highest score among ``reward.nudenet_classes`` (0 when
+  none is detected). Higher means MORE nudity, so give it a negative weight (``reward.weights.nudity=-1``), as
+  ``safety_cost``: the total reward is then higher for safer images. ``reward.nudenet_threshold`` only sets the
+  logged ``nudity/flag`` (the share of images at or above it); the reward is the continuous score."""
+  del pipe, cache
+  r = config.reward
+  return NudityReward(classes=tuple(r.nudenet_classes), threshold=float(r.nudenet_threshold),
+                      model_path=r.nudenet_model_path or None)
+
+
+# name -> builder(config, pipe, cache) -> reward function. A new detector is one more entry here and one more name
+# in rl_config's reward.weights.
 REWARD_TERMS: Dict[str, Callable[..., RewardFn]] = {
     "clip_score": clip_score_term,
     "safety_cost": safety_cost_term,
+    "nudity": nudity_term,
 }
 
 

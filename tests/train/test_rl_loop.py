@@ -134,7 +134,7 @@ def test_config_variants_and_reward_errors_name_the_key():
   assert tiny.job == sd15.job == "rl" and sd15.rl.num_steps == 50 and sd15.rl.eta == 1.0
   assert sd15.rl.guidance_scale == 5.0 and sd15.rl.clip_range == 1e-4 and sd15.rl.adv_clip == 5.0
   assert sd15.optim.learning_rate == 3e-4 and sd15.optim.weight_decay == 1e-4 and sd15.lora.enabled
-  assert dict(sd15.reward.weights) == {"clip_score": 1.0, "safety_cost": -1.0}
+  assert dict(sd15.reward.weights) == {"clip_score": 1.0, "safety_cost": -1.0, "nudity": 0.0}
   with pytest.raises(ValueError, match="unknown config variant 'sdxl'"):
     rl_config.rl_config("sdxl")
   with pytest.raises(ValueError, match="config.reward.clip_folder is empty"):
