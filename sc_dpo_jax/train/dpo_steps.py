@@ -24,15 +24,16 @@ Batch (``B`` pairs):
 What each method does (METHODS.md; which parts follow published code is said per item):
 
 * **Diffusion-DPO** (official code, SalesforceAIResearch/DiffusionDPO ``train.py``): ONE timestep uniform in
-  ``[0, num_train_timesteps)`` and ONE noise draw per pair, shared by chosen and rejected; the prompt replaced
-  by the empty prompt with probability ``prompt_dropout`` per pair (both images, as the official code drops the
-  caption of the pair); per-sample errors ``mean over h, w, c of (model - target)^2`` with the schedule's target
-  (epsilon or v); ``losses.diffusion_dpo_loss``. Chosen and rejected go through the UNet as one batch
-  ``[w; l]`` of ``2B``, and the reference likewise.
+  ``[min_timestep, max_timestep)`` (default, as the official code: ``[0, num_train_timesteps)``) and ONE noise
+  draw per pair, shared by chosen and rejected; the prompt replaced by the empty prompt with probability
+  ``prompt_dropout`` per pair (both images, as the official code drops the caption of the pair); per-sample
+  errors ``mean over h, w, c of (model - target)^2`` with the schedule's target (epsilon or v);
+  ``losses.diffusion_dpo_loss``. Chosen and rejected go through the UNet as one batch ``[w; l]`` of ``2B``, and
+  the reference likewise.
 * **SC-DPO** (this project's formulation, see ``losses/sc_dpo.py``): the same noising and model calls as
   Diffusion-DPO, and ``losses.sc_dpo_loss`` with the batch's costs.
 * **DUO** (official code, naver-ai/DUO ``train/unlearn-sd.py``): ONE noise draw per pair shared by both images,
-  an INDEPENDENT timestep per image uniform in ``[duo_min_timestep, duo_max_timestep)`` = ``{0..749}``; both
+  an INDEPENDENT timestep per image uniform in ``[min_timestep, max_timestep)`` = ``{0..749}``; both
   images conditioned on the empty prompt unless ``duo_use_prompts`` (then the batch's prompts, with prompt
   dropout). The output-preservation input is the pair's own noise ``eps`` at ``t = num_train_timesteps - 1``
   (999) with the empty prompt, as the official code (``noisy_model_input = cat([noisy, noise[:bsz//2]])``).
@@ -84,9 +85,13 @@ def default_config(method: str = "diffusion_dpo") -> ml_collections.ConfigDict:
       # the focal-loss exponent 2 of Lin et al. 2017)
       cost_margin_scale=1.0,
       focus_gamma=2.0,
+      # Training timesteps, uniform in [min_timestep, max_timestep) (None: the schedule's num_train_timesteps).
+      # Official codes: Diffusion-DPO all of {0..T-1}; DUO {0..749}. A narrower range puts the preference signal
+      # where the concept is decided (high noise), e.g. for a base trained with min-SNR weighting, whose errors
+      # at low noise are large and carry no concept information.
+      min_timestep=0,
+      max_timestep=750 if duo else None,
       # DUO (official code)
-      duo_min_timestep=0,
-      duo_max_timestep=750,                   # exclusive: t uniform in {0..749}
       duo_use_prompts=False,                  # False: both images under the empty prompt
       duo_lambda=None,                        # None: duo_base_lambda * beta / 100
       duo_base_lambda=1e6,
@@ -104,12 +109,21 @@ def resolve_config(config: Optional[Mapping]) -> ml_collections.ConfigDict:
     out[key] = value
   if not 0.0 <= float(out.prompt_dropout) <= 1.0:
     raise ValueError(f"config.prompt_dropout = {out.prompt_dropout!r} must be a probability in [0, 1]")
-  if method == "duo":
-    lo, hi = int(out.duo_min_timestep), int(out.duo_max_timestep)
-    if not 0 <= lo < hi:
-      raise ValueError(f"config.duo_min_timestep ({lo}) and duo_max_timestep ({hi}, exclusive) must satisfy "
-                       f"0 <= min < max")
+  lo, hi = int(out.min_timestep), out.max_timestep
+  if lo < 0 or (hi is not None and not lo < int(hi)):
+    raise ValueError(f"config.min_timestep ({lo}) and max_timestep ({hi}, exclusive) must satisfy 0 <= min < max")
   return out
+
+
+def timestep_range(schedule, c) -> Tuple[int, int]:
+  """``[min_timestep, max_timestep)`` of a resolved config, checked against the schedule."""
+  n = schedule.num_train_timesteps
+  lo, hi = int(c.min_timestep), n if c.max_timestep is None else int(c.max_timestep)
+  if hi > n:
+    raise ValueError(f"config.max_timestep = {hi} exceeds the schedule's {n} training timesteps")
+  if not 0 <= lo < hi:
+    raise ValueError(f"config.min_timestep ({lo}) and max_timestep ({hi}, exclusive) must satisfy 0 <= min < max")
+  return lo, hi
 
 
 def duo_lambda(config: Mapping) -> float:
@@ -206,7 +220,7 @@ def dpo_inputs(schedule, c, batch, frozen, rng, dropout: float) -> Inputs:
   w, l = _pair_latents(batch, c.method)
   b = w.shape[0]
   k_t, k_eps, k_drop = jax.random.split(rng, 3)
-  t = jax.random.randint(k_t, (b,), 0, schedule.num_train_timesteps)
+  t = jax.random.randint(k_t, (b,), *timestep_range(schedule, c))
   eps = jax.random.normal(k_eps, w.shape, jnp.float32)
   x0, t2, eps2 = jnp.concatenate([w, l]), jnp.concatenate([t, t]), jnp.concatenate([eps, eps])
   text = _prompts(batch, frozen, k_drop, dropout, c.method)
@@ -219,11 +233,8 @@ def duo_inputs(schedule, c, batch, frozen, rng, dropout: float) -> Inputs:
   UNet batch [x+_t; x-_t; eps]. Arguments as :func:`dpo_inputs`."""
   safe, unsafe = _pair_latents(batch, c.method)
   b = safe.shape[0]
-  if int(c.duo_max_timestep) > schedule.num_train_timesteps:
-    raise ValueError(f"config.duo_max_timestep = {c.duo_max_timestep} exceeds the schedule's "
-                     f"{schedule.num_train_timesteps} training timesteps")
   k_t, k_eps, k_drop = jax.random.split(rng, 3)
-  t = jax.random.randint(k_t, (2 * b,), int(c.duo_min_timestep), int(c.duo_max_timestep))
+  t = jax.random.randint(k_t, (2 * b,), *timestep_range(schedule, c))
   eps = jax.random.normal(k_eps, safe.shape, jnp.float32)
   x0, eps2 = jnp.concatenate([safe, unsafe]), jnp.concatenate([eps, eps])
   empty = _empty_text(frozen, b, "DUO conditions on the empty prompt")

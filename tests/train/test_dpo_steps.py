@@ -279,6 +279,23 @@ def test_duo_noising_independent_t_shared_noise_and_prior_inputs():
   np.testing.assert_array_equal(with_prompts.text[2 * PAIRS:], np.broadcast_to(empty, (PAIRS, TEXT_LEN, TEXT_DIM)))
 
 
+def test_timestep_range_applies_to_every_method_and_is_checked():
+  _, schedule, _, batch, empty = _world()
+  frozen = {"empty_text": empty}
+  for method, fn in (("diffusion_dpo", dpo_steps.dpo_inputs), ("sc_dpo", dpo_steps.dpo_inputs),
+                     ("duo", dpo_steps.duo_inputs)):
+    c = dpo_steps.resolve_config(dict(method=method, min_timestep=600, max_timestep=603))
+    t = np.asarray(fn(schedule, c, batch, frozen, jax.random.PRNGKey(1), 0.0).t)[:2 * PAIRS]
+    assert set(t.tolist()) <= {600, 601, 602} and len(set(t.tolist())) > 1, (method, t)
+  assert dpo_steps.resolve_config(dict(method="diffusion_dpo")).max_timestep is None   # all of [0, T)
+  assert dpo_steps.resolve_config(dict(method="duo")).max_timestep == 750
+  with pytest.raises(ValueError, match="min_timestep \\(700\\) and max_timestep \\(700"):
+    dpo_steps.resolve_config(dict(method="sc_dpo", min_timestep=700, max_timestep=700))
+  c = dpo_steps.resolve_config(dict(method="diffusion_dpo", max_timestep=1001))
+  with pytest.raises(ValueError, match="max_timestep = 1001 exceeds the schedule's 1000"):
+    dpo_steps.dpo_inputs(schedule, c, batch, frozen, jax.random.PRNGKey(1), 0.0)
+
+
 def test_duo_lambda_rule():
   c = dpo_steps.resolve_config(dict(method="duo", beta=500.0))
   assert dpo_steps.duo_lambda(c) == 1e6 * 500 / 100
