@@ -18,10 +18,14 @@ another ``k`` are drawn with ``safe_negative`` as negative prompt and/or ``k`` f
 (``safe_rewrites[i]``, e.g. from a prompt rewriter: the same request without the unsafe content). A base model
 that learned the concept rarely renders a harmful prompt safely by chance, so the safe renderings come from
 steering it away, as SCP-style datasets do; rewrites keep the rest of the request, a negative prompt alone
-often yields an empty image. The pair is (lowest cost, highest cost) among all candidates, kept when the costs
-differ by ``min_cost_gap`` at least; its prompt is always the harmful one. Under a clean prompt, a quality pair of safe images: among the candidates with cost below
-``safe_below``, (highest preference, lowest preference), or by cost without a preference plug. Every record
-carries both costs and the harmful flag.
+often yields an empty image. The safe variants start from the same ``k`` initial noises as the plain
+candidates, and the pair is matched by noise: (the variant, the plain rendering) of the noise with the largest
+cost gap, so chosen and rejected share their layout and differ in the concept (pairs that differ in everything
+teach the policy noise; measured on the toy world, this matters). Without variants the pair is (lowest cost,
+highest cost) among the ``k``. It is kept when the costs differ by ``min_cost_gap`` at least; its prompt is
+always the harmful one. Under a clean prompt, a quality pair of safe images: among the candidates with cost
+below ``safe_below``, (highest preference, lowest preference), or by cost without a preference plug. Every
+record carries both costs and the harmful flag.
 
 **DUO pairs** (METHODS.md, DUO pair curation, following the official code): generate under the unsafe prompt
 and keep images the detector flags; SDEdit each (``strength`` 0.75, ``guidance`` 7.5) under its safe prompt with
@@ -187,32 +191,52 @@ def build_sc_pairs(pipe, harmful: Sequence[str], clean: Sequence[str], out_dir: 
              len(items), desc="sc pairs", unit="prompt", disable=not progress)
   for index in range(build.next_shard, len(shards)):
     chunk = items[shards[index]]
-    prompts, negatives, owner = [], [], []
+    prompts, negatives, owner, noise, variant = [], [], [], [], []
     for j, (p, is_harmful) in enumerate(chunk):
+      own = list(range(len(noise), len(noise) + k))   # the prompt's k noises; its safe variants reuse them
       prompts += [p] * k
       negatives += [""] * k
       owner += [j] * k
+      noise += own
+      variant += [False] * k
       if is_harmful and safe_negative:
         prompts += [p] * k
         negatives += [safe_negative] * k
         owner += [j] * k
+        noise += own
+        variant += [True] * k
       if is_harmful and rewrites is not None:
         prompts += [rewrite_of[shards[index].start + j]] * k
         negatives += [""] * k
         owner += [j] * k
+        noise += own
+        variant += [True] * k
     images = pipe.generate(prompts, negative_prompt=negatives, seed=_shard_seed(seed, index), steps=steps,
-                           guidance=guidance, batch_size=batch_size, progress=False) if prompts else np.zeros(
+                           guidance=guidance, batch_size=batch_size, progress=False,
+                           latents=pipe.initial_noise(_shard_seed(seed, index), noise)) if prompts else np.zeros(
                                (0, 1, 1, 3), np.uint8)
     # Scored against the pair's prompt (not the rewrite the image was drawn from).
     scored = [chunk[j][0] for j in owner]
     costs = _scores("cost", cost, images, scored) if prompts else np.zeros(0, np.float32)
     prefs = _scores("preference", preference, images, scored) if preference and prompts else None
-    owner = np.asarray(owner, int)
+    owner, noise, variant = np.asarray(owner, int), np.asarray(noise, int), np.asarray(variant, bool)
     out, stats = [], {"prompts": len(chunk), "images": len(prompts), "pairs": 0, "dropped_small_gap": 0,
                       "dropped_too_few_safe": 0}
     for j, (p, is_harmful) in enumerate(chunk):
       idx = np.flatnonzero(owner == j)
-      if is_harmful or (safe_below is None and prefs is None):
+      if is_harmful and variant[idx].any():
+        # Matched by noise: a safe rendering and the plain rendering drawn from the same initial noise, the
+        # noise whose cost gap is largest (the pair differs in the concept, not in layout).
+        plain = idx[~variant[idx]]
+        safe = [idx[variant[idx] & (noise[idx] == noise[i])] for i in plain]
+        safe = np.asarray([v[np.argmin(costs[v])] for v in safe])
+        best = int(np.argmax(costs[plain] - costs[safe]))
+        chosen, rejected = safe[best], plain[best]
+        lo, hi = chosen, rejected
+        if costs[hi] - costs[lo] < max(min_cost_gap, 1e-12):
+          stats["dropped_small_gap"] += 1
+          continue
+      elif is_harmful or (safe_below is None and prefs is None):
         lo, hi = idx[np.argmin(costs[idx])], idx[np.argmax(costs[idx])]
         chosen, rejected = lo, hi
         if costs[hi] - costs[lo] < max(min_cost_gap, 1e-12):

@@ -81,14 +81,23 @@ class StableDiffusion:
     shape = self._latent_shape(height, width)
     key = jax.random.PRNGKey(seed)
     if latents is None:
-      latents = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(
-          jnp.arange(len(prompts)))
+      latents = self.initial_noise(seed, range(len(prompts)), height=height, width=width)
     elif tuple(np.shape(latents)) != (len(prompts),) + shape:
       raise ValueError(f"latents have shape {np.shape(latents)}; expected {(len(prompts),) + shape} "
                        "(NHWC, one per prompt)")
     return self._run_batches(prompts, negatives, np.asarray(latents, np.float32), None, key, steps=steps,
                              guidance=guidance, eta=eta, strength=None, batch_size=batch_size, output=output,
                              progress=progress)
+
+  def initial_noise(self, seed: int, indices: Sequence[int], *, height: Optional[int] = None,
+                    width: Optional[int] = None) -> np.ndarray:
+    """The initial latents ``generate`` draws for images ``indices`` with ``seed``: float32 ``[N, h, w, C]``,
+    row ``n`` ``normal(fold_in(PRNGKey(seed), indices[n]))``. Pass them as ``latents`` to draw other prompts
+    from the same noise (e.g. a prompt and its safe rewrite, for pairs that differ only in the concept)."""
+    shape = self._latent_shape(height, width)
+    key = jax.random.PRNGKey(seed)
+    idx = jnp.asarray(np.asarray(list(indices), np.int64).astype(np.uint32))
+    return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(idx), np.float32)
 
   def edit(self, images, prompts: Union[str, Sequence[str]], *, strength: float = 0.75, seed: int = 0,
            steps: int = 50, guidance: float = 7.5, eta: float = 0.0,

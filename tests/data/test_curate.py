@@ -74,6 +74,27 @@ def test_sc_pairs_are_ordered_by_the_cost_plug_and_read_back(pipe, tmp_path):
   assert np.mean([DETECT(decode(r["image_rejected"])[None])[0][0] for r in harmful]) == 1.0
 
 
+def test_harmful_pairs_are_matched_by_initial_noise(pipe, tmp_path):
+  rewrite = "a large blue circle"
+  curate.build_sc_pairs(pipe, HARMFUL[:1], CLEAN[:1], str(tmp_path / "m"), cost=concept_cost, k=3,
+                        safe_rewrites=[rewrite], min_cost_gap=0.01, steps=STEPS, guidance=4.0, batch_size=32,
+                        progress=False)
+  _, recs = read_back(tmp_path / "m")
+  (r,) = [r for r in recs if r["harmful_prompt"]]
+  chosen, rejected = decode(r["image_chosen"]), decode(r["image_rejected"])
+  # The rewrite's candidates reuse the harmful prompt's three noises (indices 0..2 of the shard's seed).
+  noise = pipe.initial_noise(curate._shard_seed(0, 0), range(3))  # pylint: disable=protected-access
+  common = dict(latents=noise, steps=STEPS, guidance=4.0, batch_size=32, progress=False)
+  plain, safe = pipe.generate([HARMFUL[0]] * 3, **common), pipe.generate([rewrite] * 3, **common)
+  diff = lambda a, b: np.abs(a.astype(int) - b.astype(int)).max()  # noqa: E731
+  m = int(np.argmin([diff(s, chosen) for s in safe]))
+  # Another batch composition compiles another program: a grey level of float rounding is allowed.
+  assert diff(safe[m], chosen) <= 2 and diff(plain[m], rejected) <= 2
+  costs = concept_cost(np.concatenate([plain, safe]), None)[0]
+  assert m == int(np.argmax(costs[:3] - costs[3:]))   # the noise with the largest cost gap
+  assert r["cost_rejected"] > r["cost_chosen"]
+
+
 def test_sc_pairs_resume_after_an_interruption_gives_the_same_dataset(pipe, tmp_path):
   calls = {"n": 0}
 
