@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import ml_collections
 import numpy as np
@@ -144,7 +144,7 @@ def build_datasets(config, world, pipe, base: str, workdir: str) -> Dict[str, st
 
 def _needs(config):
   """Which datasets the chosen methods read."""
-  for m in config.methods:
+  for m in methods(config):
     yield {"diffusion_dpo": "sc_pairs", "sc_dpo": "sc_pairs", "duo": "duo_pairs",
            "shielddiff_rl": "rl_prompts"}[m]
 
@@ -188,9 +188,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.toy import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.toy import report as report_lib  # pylint: disable=g-import-not-at-top
-  unknown = [m for m in config.methods if m not in METHODS]
-  if unknown:
-    raise ValueError(f"config.methods: unknown {unknown}; known: {METHODS}")
+  chosen = methods(config)
+  unknown = [m for m in chosen if m not in METHODS]
+  if unknown or not chosen:
+    raise ValueError(f"config.methods = {config.methods!r}: unknown {unknown or 'none given'}; known: {METHODS}")
   t0 = time.time()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -209,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   timings["datasets"] = time.time() - t
 
   aligned = {}
-  for method in config.methods:
+  for method in chosen:
     t = time.time()
     summary = align(config, method, base, folders, workdir)
     timings[method] = time.time() - t
@@ -241,4 +242,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
 
 def _uses_cost_model(config) -> bool:
-  return any(m in ("diffusion_dpo", "sc_dpo", "shielddiff_rl") for m in config.methods)
+  return any(m in ("diffusion_dpo", "sc_dpo", "shielddiff_rl") for m in methods(config))
+
+
+def methods(config) -> Tuple[str, ...]:
+  """``config.methods`` as names: a tuple, or a comma-separated string (``--config.methods=sc_dpo,duo`` on the
+  command line gives a one-element tuple holding that string)."""
+  value = config.methods
+  items = [value] if isinstance(value, str) else list(value)
+  return tuple(m.strip() for item in items for m in str(item).split(",") if m.strip())

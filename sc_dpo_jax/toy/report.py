@@ -60,18 +60,22 @@ def _plot(path: str, results: Mapping[str, Any]) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(5.5, 4.2))
+  placed = []
   for model, r in results.items():
     sets = r["sets"]
     unsafe = np.mean([sets[s]["unsafe_rate"] for s in evaluate_lib.UNSAFE_SETS if s in sets])
     retention = sets["safe"]["retention"] if "safe" in sets else float("nan")
-    ax.scatter([unsafe], [retention], s=60, marker="*" if model == "base" else "o")
-    ax.annotate(model, (unsafe, retention), textcoords="offset points", xytext=(6, 4))
+    base = model == "base"
+    ax.scatter([unsafe], [retention], s=140 if base else 60, marker="*" if base else "o", zorder=3 if base else 2)
+    near = sum(abs(unsafe - u) < 0.08 and abs(retention - v) < 0.04 for u, v in placed)   # stack close labels
+    ax.annotate(model, (unsafe, retention), textcoords="offset points", xytext=(6, 4 - 11 * near))
+    placed.append((unsafe, retention))
   ax.set_xlabel("unsafe rate (mean over direct, synonyms, held-out, implicit)")
   ax.set_ylabel("retention accuracy on safe prompts")
   ax.set_xlim(-0.05, 1.05)
   ax.set_ylim(-0.05, 1.05)
   ax.grid(alpha=0.3)
-  ax.set_title("toy world: safety vs retention (lower right is better)")
+  ax.set_title("toy world: safety vs retention (upper left is better)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

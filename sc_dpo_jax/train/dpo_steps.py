@@ -60,6 +60,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 import optax
 
 from sc_dpo_jax import diffusion, losses
@@ -86,14 +87,13 @@ def default_config(method: str = "diffusion_dpo") -> ml_collections.ConfigDict:
       cost_margin_scale=1.0,
       focus_gamma=2.0,
       # Training timesteps, uniform in [min_timestep, max_timestep) (None: the schedule's num_train_timesteps).
-      # Official codes: Diffusion-DPO all of {0..T-1}; DUO {0..749}. A narrower range puts the preference signal
-      # where the concept is decided (high noise), e.g. for a base trained with min-SNR weighting, whose errors
-      # at low noise are large and carry no concept information.
+      # Official codes: Diffusion-DPO all of {0..T-1}; DUO {0..749} (the highest noise levels, where a concept
+      # such as a colour is decided, are then never trained: on the toy world DUO does not move without them).
       min_timestep=0,
-      max_timestep=750 if duo else None,
+      max_timestep=750 if duo else config_dict.placeholder(int),   # a typed None: settable from flags
       # DUO (official code)
       duo_use_prompts=False,                  # False: both images under the empty prompt
-      duo_lambda=None,                        # None: duo_base_lambda * beta / 100
+      duo_lambda=config_dict.placeholder(float),   # None: duo_base_lambda * beta / 100
       duo_base_lambda=1e6,
   ))
 

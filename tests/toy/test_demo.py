@@ -40,7 +40,8 @@ def test_quick_demo_shows_the_concept_and_sc_dpo_lowers_it(quick_workdir):
   assert base["direct"]["unsafe_rate"] >= 0.6, base
   assert aligned["direct"]["unsafe_rate"] <= 0.5 * base["direct"]["unsafe_rate"], (base, aligned)
   assert report["reductions"]["sc_dpo"]["direct"] >= 0.5
-  assert aligned["safe"]["retention"] >= base["safe"]["retention"] - 0.15, (base, aligned)
+  # Measured on this machine: direct 1.0 -> 0.0, retention 0.886 -> 0.761 (the cost of beta 200, README).
+  assert aligned["safe"]["retention"] >= base["safe"]["retention"] - 0.2, (base, aligned)
   assert report["datasets"]["sc_pairs"]["records"] >= 32
   for name in ("report.md", "tradeoff.png", "grid_direct.png", "grid_safe.png", "images.npz"):
     assert (quick_workdir / "report" / name).stat().st_size > 0, name
@@ -75,3 +76,11 @@ def test_quickstart_notebook_executes(quick_workdir):
   images = sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                if "image/png" in o.get("data", {}))
   assert images >= 6
+
+
+def test_methods_accept_a_comma_separated_override():
+  import ml_collections
+  from sc_dpo_jax.toy import demo
+  # --config.methods=sc_dpo,duo reaches the config as a one-element tuple holding the whole string.
+  assert demo.methods(ml_collections.ConfigDict(dict(methods=("sc_dpo,duo",)))) == ("sc_dpo", "duo")
+  assert demo.methods(toy_config.toy_config("default")) == demo.METHODS
