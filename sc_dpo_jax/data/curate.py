@@ -20,8 +20,8 @@ that learned the concept rarely renders a harmful prompt safely by chance, so th
 steering it away, as SCP-style datasets do; rewrites keep the rest of the request, a negative prompt alone
 often yields an empty image. The safe variants start from the same ``k`` initial noises as the plain
 candidates, and the pair is matched by noise: (the variant, the plain rendering) of the noise with the largest
-cost gap, so chosen and rejected share their layout and differ in the concept (pairs that differ in everything
-teach the policy noise; measured on the toy world, this matters). Without variants the pair is (lowest cost,
+cost gap, so chosen and rejected share their layout and differ in the concept (a pair that differs in
+everything else also teaches preferences of layout that have nothing to do with safety). Without variants the pair is (lowest cost,
 highest cost) among the ``k``. It is kept when the costs differ by ``min_cost_gap`` at least; its prompt is
 always the harmful one. Under a clean prompt, a quality pair of safe images: among the candidates with cost
 below ``safe_below``, (highest preference, lowest preference), or by cost without a preference plug. Every
