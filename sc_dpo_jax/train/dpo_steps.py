@@ -87,8 +87,8 @@ def default_config(method: str = "diffusion_dpo") -> ml_collections.ConfigDict:
       cost_margin_scale=1.0,
       focus_gamma=2.0,
       # Training timesteps, uniform in [min_timestep, max_timestep) (None: the schedule's num_train_timesteps).
-      # Official codes: Diffusion-DPO all of {0..T-1}; DUO {0..749} (the highest noise levels, where a concept
-      # such as a colour is decided, are then never trained: on the toy world DUO does not move without them).
+      # Official codes: Diffusion-DPO all of {0..T-1}; DUO {0..749} (then the highest noise levels, where a
+      # concept such as a colour is decided, are never trained).
       min_timestep=0,
       max_timestep=750 if duo else config_dict.placeholder(int),   # a typed None: settable from flags
       # DUO (official code)
