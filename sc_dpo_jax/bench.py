@@ -1,4 +1,5 @@
-"""Train-step benchmark: pairs/s, step time, peak device memory and MFU of a method's jitted step.
+"""Train-step and sampling benchmark: pairs/s, step time, peak device memory and MFU of a method's jitted step;
+images/s of DDIM sampling with classifier-free guidance and VAE decode (``--mode=sample``).
 
     python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:tiny                      # a CPU, seconds
     python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:sd15 --peak_tflops=989     # one H100 (bf16 dense)
@@ -12,6 +13,15 @@ latents, 77x768 states), as a run on precomputed latents and text states sees th
 
 FLOPs come from XLA's cost analysis of the compiled step (per device); MFU = achieved FLOP/s per device /
 ``--peak_tflops``. Peak memory is the device's ``peak_bytes_in_use`` (GPU/TPU; CPUs do not report it).
+
+``--mode=sample`` times one compiled program: ``--sample_steps`` DDIM steps (eta 0) with guidance ``--guidance``
+on a doubled batch (random conditional and unconditional text states, as if the prompts were encoded), then
+the VAE decode, at ``--batch`` images; UNet from ``config.model`` (compute dtype, attention), the VAE of the
+architecture (SD's for sd15/sd21, the tiny one for tiny; ``xla`` attention where the UNet's is ``cudnn``),
+parameters random and stored in the compute dtype (as the fp16 PyTorch pipeline). ``bench/peer_torch.py`` is the
+PyTorch peer; ``docs/performance.md`` the table.
+
+    python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:sd15 --mode=sample --batch=16
 """
 from __future__ import annotations
 
@@ -27,6 +37,10 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of one device in the compute dtype (for MFU).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "sample"], "Time the train step, or DDIM sampling + decode.")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps (--mode=sample).")
+_GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (--mode=sample).")
+_BATCH = flags.DEFINE_integer("batch", 16, "Images per sampling batch (--mode=sample).")
 flags.mark_flags_as_required(["config"])
 
 ARCHITECTURES = ("tiny", "sd15", "sd21")
@@ -129,11 +143,108 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None):
   return out
 
 
+def vae_for(architecture: str, dtype, attention: str):
+  """The VAE module of an architecture (SD1.x/2.x: 8x downsampling; tiny: 2x)."""
+  from sc_dpo_jax.models import vae_config  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
+  if architecture == "tiny":
+    config = vae_config.tiny_vae_config()
+  else:
+    config = vae_config.sd_vae_config(768 if architecture == "sd21" else 512)
+  return AutoencoderKL(config, dtype=dtype, attention=attention)
+
+
+def run_sample(config, *, batch: int, sample_steps: int, guidance: float, steps: int, warmup: int):
+  """Images/s of ``sample_steps`` DDIM steps with guidance ``guidance`` and the VAE decode, at ``batch``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from sc_dpo_jax import diffusion  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.models.random_init import host_random_params  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.models.vae import decode_latents  # pylint: disable=g-import-not-at-top
+
+  c = config
+  if batch < 1 or sample_steps < 1:
+    raise ValueError(f"--batch ({batch}) and --sample_steps ({sample_steps}) must be positive")
+  dtype = jnp.dtype(c.model.dtype)
+  # The VAE's one attention has a single 512-wide head, beyond cuDNN flash attention's head sizes: XLA's then.
+  vae_attention = "xla" if c.model.attention == "cudnn" else c.model.attention
+  unet, latent_shape, text_shape = models_for(c.model.architecture, dtype, c.model.attention)
+  vae = vae_for(c.model.architecture, dtype, vae_attention)
+  t0 = time.time()
+  cast = lambda tree: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), tree)  # noqa: E731
+  params = {"unet": cast(host_random_params(unet.clone(dtype=jnp.float32), seed=c.seed)),
+            "vae": cast(host_random_params(vae.clone(dtype=jnp.float32), seed=c.seed + 2))}
+  init_s = time.time() - t0
+  schedule = diffusion.NoiseSchedule.from_config(
+      {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+       "prediction_type": "v_prediction" if c.model.architecture == "sd21" else "epsilon", "clip_sample": False,
+       "set_alpha_to_one": False, "steps_offset": 1}, source="bench")
+  use_guidance = guidance > 1.0
+
+  def denoise(unet_params, x, t, context):
+    return unet.apply({"params": unet_params}, x, t, context)
+
+  def sample(params, noise, context, uncond):
+    latents = diffusion.sample(denoise, params["unet"], noise, context, schedule=schedule, num_steps=sample_steps,
+                               guidance_scale=guidance if use_guidance else 1.0,
+                               uncond_context=uncond if use_guidance else None)
+    images = decode_latents(vae, params["vae"], latents.astype(dtype))
+    return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+
+  host = np.random.default_rng(0)
+  noise = jnp.asarray(host.normal(size=(batch,) + latent_shape).astype(np.float32))
+  context = jnp.asarray(host.normal(size=(batch,) + tuple(text_shape)).astype(dtype))
+  uncond = jnp.asarray(host.normal(size=(batch,) + tuple(text_shape)).astype(dtype))
+  t0 = time.time()
+  compiled = jax.jit(sample).lower(params, noise, context, uncond).compile()
+  compile_s = time.time() - t0
+  for _ in range(warmup):
+    images = compiled(params, noise, context, uncond)
+    jax.block_until_ready(images)
+  t0 = time.time()
+  for _ in range(steps):
+    images = compiled(params, noise, context, uncond)
+  images = np.asarray(jax.block_until_ready(images))
+  batch_s = (time.time() - t0) / steps
+  out = {
+      "mode": "sample", "architecture": c.model.architecture, "devices": 1,
+      "device_kind": jax.devices()[0].device_kind, "batch": batch, "sample_steps": sample_steps,
+      "guidance": guidance, "unet_evals_per_step": 2 if use_guidance else 1, "dtype": c.model.dtype,
+      "attention": c.model.attention, "image_shape": list(images.shape[1:]), "compile_s": round(compile_s, 2),
+      "host_init_s": round(init_s, 2), "batch_s": batch_s, "images_per_s": batch / batch_s,
+      "finite": bool(np.isfinite(images).all()),
+  }
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
+  return out
+
+
+def _write(result):
+  print(json.dumps(result, indent=2))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from sc_dpo_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize()
+  if _MODE.value == "sample":
+    result = run_sample(_CONFIG.value, batch=_BATCH.value, sample_steps=_SAMPLE_STEPS.value,
+                        guidance=_GUIDANCE.value, steps=_STEPS.value, warmup=_WARMUP.value)
+    line = (f"sample {result['architecture']} DDIM {result['sample_steps']} steps, guidance {result['guidance']}, "
+            f"+ VAE decode, batch {result['batch']} on {result['device_kind']}: {result['images_per_s']:.2f} "
+            f"images/s, {result['batch_s']:.3f} s per batch")
+    if "peak_memory_gb" in result:
+      line += f", peak memory {result['peak_memory_gb']:.1f} GB"
+    print(line)
+    _write(result)
+    return
   result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, peak_tflops=_PEAK.value)
   line = (f"{result['method']} {result['architecture']} x{result['batch_pairs']} pairs on {result['devices']} "
           f"{result['device_kind']}: {result['pairs_per_s']:.2f} pairs/s, step {result['step_s'] * 1e3:.1f} ms")
@@ -144,10 +255,7 @@ def main(argv):
   if "peak_memory_gb" in result:
     line += f", peak memory {result['peak_memory_gb']:.1f} GB"
   print(line)
-  print(json.dumps(result, indent=2))
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(result, f, indent=2)
+  _write(result)
 
 
 if __name__ == "__main__":

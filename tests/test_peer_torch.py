@@ -1,0 +1,58 @@
+"""``bench/peer_torch.py``, the PyTorch peer of the benchmark: its DPO loss is the official formula, and its tiny
+step and sampling modes run on a CPU."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "peer_torch.py")
+pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+
+
+def _peer():
+  spec = importlib.util.spec_from_file_location("peer_torch", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _run(tmp_path, *args):
+  out = tmp_path / "peer.json"
+  result = subprocess.run([sys.executable, SCRIPT, "--arch=tiny", "--device=cpu", f"--json={out}", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout, json.loads(out.read_text())
+
+
+def test_dpo_loss_is_the_official_formula():
+  rng = np.random.default_rng(0)
+  beta = 5000.0
+  model_err = rng.uniform(0.05, 0.2, size=16)
+  ref_err = model_err + rng.normal(scale=1e-3, size=16)
+  loss, inside = _peer().dpo_loss(torch.tensor(model_err), torch.tensor(ref_err), beta)
+  model_diff = model_err[:8] - model_err[8:]
+  ref_diff = ref_err[:8] - ref_err[8:]
+  want_inside = -0.5 * beta * (model_diff - ref_diff)
+  want = np.mean(np.logaddexp(0.0, -want_inside))          # -log sigmoid(x) = log(1 + exp(-x))
+  np.testing.assert_allclose(inside.numpy(), want_inside, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-6, atol=1e-6)
+
+
+def test_tiny_step_runs_on_cpu(tmp_path):
+  stdout, data = _run(tmp_path, "--mode=step", "--steps=2", "--warmup=1")
+  assert "pairs/s" in stdout and "peak memory n/a" in stdout
+  assert data["batch_pairs"] == 8 and data["pairs_per_s"] > 0 and np.isfinite(data["loss"])
+  assert data["tflop_per_step"] > 0 and data["peak_memory_gb"] is None
+
+
+def test_tiny_sample_runs_on_cpu(tmp_path):
+  stdout, data = _run(tmp_path, "--mode=sample", "--sample_steps=2", "--steps=1", "--warmup=1")
+  assert "images/s" in stdout
+  assert data["batch"] == 16 and data["sample_steps"] == 2 and data["images_per_s"] > 0 and data["finite"]
+  assert data["image_shape"] == [3, 16, 16]
