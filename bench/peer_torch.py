@@ -148,13 +148,7 @@ def run_step(args, device):
     optimizer.step()
     return loss
 
-  t0 = time.time()
-  for _ in range(args.warmup):
-    step()
-  _sync(device)
-  warmup_s = time.time() - t0
-  if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats(device)
+  warmup_s = _warmup(step, args.warmup, device)
   flops = None
   if args.arch != "sd15":   # count one step (tiny: quick); sd15 uses the issue's accounting
     from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
@@ -162,16 +156,12 @@ def run_step(args, device):
     with counter:
       step()
     flops = counter.get_total_flops()
-  _sync(device)
-  t0 = time.time()
-  losses = [step() for _ in range(args.steps)]
-  _sync(device)
-  step_s = (time.time() - t0) / args.steps
+  loss, step_s = _timed(step, args.steps, device)
   out = {"mode": "step", "arch": args.arch, "compile": args.compile,
          "gradient_checkpointing": args.gradient_checkpointing, "device": str(device),
          "device_name": _device_name(device), "torch": torch.__version__, "batch_pairs": n, "beta": args.beta,
          "warmup_s": round(warmup_s, 2), "step_s": step_s, "pairs_per_s": n / step_s,
-         "loss": float(losses[-1].detach()), "peak_memory_gb": _peak_memory(device)}
+         "loss": float(loss.detach()), "peak_memory_gb": _peak_memory(device)}
   if args.arch == "sd15":
     out["tflop_per_step"] = SD15_PAIR_TFLOP * n
     out["flop_accounting"] = "issue 9: 677 GFLOP per UNet forward per image, 8 forward-equivalents per pair"
@@ -217,24 +207,36 @@ def run_sample(args, device):
     images = vae.decode(x / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
-  t0 = time.time()
-  for _ in range(args.warmup):
-    sample()
-  _sync(device)
-  warmup_s = time.time() - t0
-  if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats(device)
-  t0 = time.time()
-  for _ in range(args.steps):
-    images = sample()
-  _sync(device)
-  batch_s = (time.time() - t0) / args.steps
+  warmup_s = _warmup(sample, args.warmup, device)
+  images, batch_s = _timed(sample, args.steps, device)
   return {"mode": "sample", "arch": args.arch, "compile": args.compile, "device": str(device),
           "device_name": _device_name(device), "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
           "batch": b, "sample_steps": args.sample_steps, "guidance": args.guidance,
           "image_shape": list(images.shape[1:]), "warmup_s": round(warmup_s, 2), "batch_s": batch_s,
           "images_per_s": b / batch_s, "finite": bool(torch.isfinite(images).all()),
           "peak_memory_gb": _peak_memory(device)}
+
+
+def _warmup(fn, n: int, device) -> float:
+  """Calls ``fn`` ``n`` times (compilation, autotuning), then resets the peak-memory counter; seconds taken."""
+  import torch  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  for _ in range(n):
+    fn()
+  _sync(device)
+  if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+  return time.time() - t0
+
+
+def _timed(fn, n: int, device):
+  """``(fn's last output, seconds per call)`` over ``n`` synchronised calls."""
+  _sync(device)
+  t0 = time.time()
+  for _ in range(n):
+    out = fn()
+  _sync(device)
+  return out, (time.time() - t0) / n
 
 
 def _device_name(device):

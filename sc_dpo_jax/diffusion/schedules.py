@@ -27,7 +27,11 @@ _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedul
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class NoiseSchedule:
-  """A DDPM training schedule: ``betas[t]`` for ``t`` in ``[0, num_train_timesteps)``."""
+  """A DDPM training schedule: ``betas[t]`` for ``t`` in ``[0, num_train_timesteps)``.
+
+  Equal (and hashing alike) when betas, prediction type and sampler config are, so the jitted programs keyed on
+  a schedule (e.g. a pipeline's sampler) are shared by two checkpoints loaded separately.
+  """
   betas: np.ndarray
   prediction_type: str = "epsilon"
   sampler_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -42,6 +46,14 @@ class NoiseSchedule:
       raise ValueError("betas must be a 1-D array of values in (0, 1]")
     object.__setattr__(self, "betas", betas)
     object.__setattr__(self, "alphas_cumprod", _cumprod(1.0 - betas))
+    object.__setattr__(self, "_key", (betas.tobytes(), self.prediction_type,
+                                      json.dumps(dict(self.sampler_config), sort_keys=True, default=str)))
+
+  def __eq__(self, other):
+    return isinstance(other, NoiseSchedule) and self._key == other._key
+
+  def __hash__(self):
+    return hash(self._key)
 
   @property
   def num_train_timesteps(self) -> int:

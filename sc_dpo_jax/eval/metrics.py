@@ -82,24 +82,18 @@ def ssim(a, b) -> np.ndarray:
   return s.mean(axis=(1, 2, 3))
 
 
-def _unit(x):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-12))
-
-
 @functools.lru_cache(maxsize=None)
 def _image_cosine_fn():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from sc_dpo_jax.rewards.clip_preprocess import preprocess  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.rewards.clip_score import l2_normalize  # pylint: disable=g-import-not-at-top
 
   @functools.partial(jax.jit, static_argnums=(0, 1))
   def fn(vision_model, image_size, params, a, b):
     pixels = preprocess(jnp.concatenate([a, b]), image_size)
-    embeds = _unit(vision_model.apply({"params": params}, pixels).image_embeds)
+    embeds = l2_normalize(vision_model.apply({"params": params}, pixels).image_embeds)
     n = a.shape[0]
     return jnp.sum(embeds[:n] * embeds[n:], axis=-1)
 

@@ -28,14 +28,12 @@ An ``out_dir`` holding an earlier evaluation is refused unless ``overwrite=True`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 from tqdm import tqdm
 
 from sc_dpo_jax import images as images_lib
@@ -44,6 +42,7 @@ from sc_dpo_jax.eval import prompts as prompts_lib
 from sc_dpo_jax.eval import report as report_lib
 from sc_dpo_jax.eval import summary as summary_lib
 from sc_dpo_jax.eval.detect import EvalDetector
+from sc_dpo_jax.models import pipeline as pipeline_lib
 
 FORMAT = "sc_dpo_jax.eval/1"
 RECORDS = "records.jsonl"
@@ -89,21 +88,6 @@ def batches(items: Sequence[Item], batch_size: int) -> List[List[Item]]:
   return [g[i:i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
-@functools.lru_cache(maxsize=8)
-def _noise_fn(shape):
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.jit(jax.vmap(lambda key, i: jax.random.normal(jax.random.fold_in(key, i), shape)))
-
-
-def initial_noise(seeds: Sequence[int], indices: Sequence[int], shape) -> np.ndarray:
-  """float32 ``[N, *shape]``: ``normal(fold_in(PRNGKey(seeds[n]), indices[n]))``, the noise ``pipe.generate``
-  draws for image ``indices[n]`` with ``seed=seeds[n]``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds])
-  return np.asarray(_noise_fn(tuple(shape))(keys, jnp.asarray(np.asarray(indices, np.int32))), np.float32)
-
-
 def _load(model, *, dtype: str, attention: str):
   if not isinstance(model, str):
     return model
@@ -111,11 +95,6 @@ def _load(model, *, dtype: str, attention: str):
 
   from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
   return models.load_pipeline(model, dtype=jnp.dtype(dtype), attention=attention)
-
-
-def _same_schedule(a, b) -> bool:
-  return (a.prediction_type == b.prediction_type and dict(a.sampler_config) == dict(b.sampler_config)
-          and a.betas.shape == b.betas.shape and bool(np.all(a.betas == b.betas)))
 
 
 def latent_shape(pipe, height: Optional[int], width: Optional[int]):
@@ -181,10 +160,6 @@ def evaluate(model, prompt_sets: Sequence[Union[str, prompts_lib.PromptSet]], *,
     if base_shape != shape:
       raise ValueError(f"the base model's latents for {height}x{width} images are {base_shape}, the model's "
                        f"{shape}: they cannot start from the same noise")
-    if base_pipe is not pipe and base_pipe.schedule is not pipe.schedule and _same_schedule(
-        base_pipe.schedule, pipe.schedule):
-      # The same schedule object lets both share the compiled sampler when their modules are alike.
-      base_pipe = dataclasses.replace(base_pipe, schedule=pipe.schedule)
   clip_model = metrics_lib.Clip(clip, attention=attention) if clip else None
 
   items = plan(sets, num_images=num_images, seed=seed, guidance=guidance, negative_prompt=negative_prompt)
@@ -195,7 +170,7 @@ def evaluate(model, prompt_sets: Sequence[Union[str, prompts_lib.PromptSet]], *,
   for batch in batches(items, batch_size):
     n = len(batch)
     padded = batch + [batch[-1]] * (batch_size - n)      # one program shape for every batch
-    latents = initial_noise([it.seed for it in padded], [it.noise_index for it in padded], shape)
+    latents = pipeline_lib.initial_noise([it.seed for it in padded], [it.noise_index for it in padded], shape)
     kwargs = dict(steps=steps, guidance=batch[0].guidance, eta=eta, height=height, width=width,
                   negative_prompt=[it.negative_prompt for it in padded], batch_size=batch_size, progress=False)
     prompts = [it.prompt.text for it in padded]

@@ -94,10 +94,8 @@ class StableDiffusion:
     """The initial latents ``generate`` draws for images ``indices`` with ``seed``: float32 ``[N, h, w, C]``,
     row ``n`` ``normal(fold_in(PRNGKey(seed), indices[n]))``. Pass them as ``latents`` to draw other prompts
     from the same noise (e.g. a prompt and its safe rewrite, for pairs that differ only in the concept)."""
-    shape = self._latent_shape(height, width)
-    key = jax.random.PRNGKey(seed)
-    idx = jnp.asarray(np.asarray(list(indices), np.int64).astype(np.uint32))
-    return np.asarray(jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(idx), np.float32)
+    indices = list(indices)
+    return initial_noise([seed] * len(indices), indices, self._latent_shape(height, width))
 
   def edit(self, images, prompts: Union[str, Sequence[str]], *, strength: float = 0.75, seed: int = 0,
            steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
@@ -164,6 +162,21 @@ class StableDiffusion:
     if output == "uint8":
       result = np.round(result * 255).astype(np.uint8)
     return result
+
+
+@functools.lru_cache(maxsize=8)
+def _noise_fn(shape):
+  return jax.jit(jax.vmap(lambda key, i: jax.random.normal(jax.random.fold_in(key, i), shape)))
+
+
+def initial_noise(seeds: Sequence[int], indices: Sequence[int], shape) -> np.ndarray:
+  """float32 ``[N, *shape]``: row ``n`` is ``normal(fold_in(PRNGKey(seeds[n]), indices[n]))``, the initial noise
+  ``StableDiffusion.generate`` draws for image ``indices[n]`` with ``seed=seeds[n]``."""
+  if len(seeds) != len(indices):
+    raise ValueError(f"{len(seeds)} seeds for {len(indices)} noise indices; give one per image")
+  keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]) if len(seeds) else jnp.zeros((0, 2), jnp.uint32)
+  idx = jnp.asarray(np.asarray(indices, np.int64).astype(np.uint32))
+  return np.asarray(_noise_fn(tuple(shape))(keys, idx), np.float32)
 
 
 def _check_sampling(steps, guidance, eta):

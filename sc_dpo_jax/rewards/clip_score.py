@@ -18,7 +18,8 @@ from sc_dpo_jax.models.tokenizer import Tokenizer
 from sc_dpo_jax.rewards.clip_preprocess import preprocess
 
 
-def _unit(x):
+def l2_normalize(x):
+  """``x`` in float32 divided by its L2 norm over the last axis (embeddings to unit length)."""
   x = x.astype(jnp.float32)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), 1e-12))
 
@@ -30,7 +31,7 @@ def clip_cosine(text_model: CLIPTextModel, vision_model: CLIPVisionModel, image_
   text = text_model.apply({"params": text_params}, input_ids).text_embeds
   pixels = preprocess(images, image_size)
   image = vision_model.apply({"params": vision_params}, pixels).image_embeds
-  return jnp.sum(_unit(text) * _unit(image), axis=-1)
+  return jnp.sum(l2_normalize(text) * l2_normalize(image), axis=-1)
 
 
 class ClipScore:

@@ -5,8 +5,10 @@ float32 from the same float32 betas, so only the last bit can differ. With ``res
 sqrt(alpha_bar) goes to zero at the last steps, where PyTorch's vectorised sqrt differs from IEEE sqrt by one
 ulp of a number near zero: there we allow 1e-4.
 """
+import functools
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,3 +113,20 @@ def test_works_under_jit_with_traced_timesteps():
   f = jax.jit(lambda x, n, t: diffusion.add_noise(sched, x, n, t))
   np.testing.assert_allclose(f(x0, noise, jnp.asarray(T)), diffusion.add_noise(sched, x0, noise, T),
                              atol=1e-7)
+
+
+def test_schedules_with_the_same_content_are_equal_and_share_compiled_programs():
+  a, b = diffusion.default_schedule(), diffusion.default_schedule()
+  assert a is not b and a == b and hash(a) == hash(b)
+  assert a != diffusion.default_schedule("v_prediction")
+  assert a != diffusion.NoiseSchedule(a.betas * 0.5)
+  calls = []
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def f(schedule, x):
+    calls.append(1)   # runs once per trace
+    return x * schedule.alphas_cumprod[0]
+
+  f(a, jnp.ones(2))
+  f(b, jnp.ones(2))
+  assert len(calls) == 1
