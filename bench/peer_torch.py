@@ -79,6 +79,8 @@ def parse_args(argv=None):
   p.add_argument("--peak_tflops", type=float, default=None, help="Peak dense TFLOP/s of the device (for MFU).")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", default=None, help="Also write the results here.")
+  p.add_argument("--profile_steps", type=int, default=0,
+                 help="After timing, run this many more steps under torch.profiler and report the top kernels.")
   return p.parse_args(argv)
 
 
@@ -157,11 +159,14 @@ def run_step(args, device):
       step()
     flops = counter.get_total_flops()
   loss, step_s = _timed(step, args.steps, device)
+  profile = _profile(step, args.profile_steps, device)
   out = {"mode": "step", "arch": args.arch, "compile": args.compile,
          "gradient_checkpointing": args.gradient_checkpointing, "device": str(device),
          "device_name": _device_name(device), "torch": torch.__version__, "batch_pairs": n, "beta": args.beta,
          "warmup_s": round(warmup_s, 2), "step_s": step_s, "pairs_per_s": n / step_s,
          "loss": float(loss.detach()), "peak_memory_gb": _peak_memory(device)}
+  if profile:
+    out["profile"] = profile
   if args.arch == "sd15":
     out["tflop_per_step"] = SD15_PAIR_TFLOP * n
     out["flop_accounting"] = "issue 9: 677 GFLOP per UNet forward per image, 8 forward-equivalents per pair"
@@ -209,12 +214,42 @@ def run_sample(args, device):
 
   warmup_s = _warmup(sample, args.warmup, device)
   images, batch_s = _timed(sample, args.steps, device)
-  return {"mode": "sample", "arch": args.arch, "compile": args.compile, "device": str(device),
+  profile = _profile(sample, args.profile_steps, device)
+  out = {"mode": "sample", "arch": args.arch, "compile": args.compile, "device": str(device),
           "device_name": _device_name(device), "torch": torch.__version__, "dtype": str(dtype).split(".")[-1],
           "batch": b, "sample_steps": args.sample_steps, "guidance": args.guidance,
           "image_shape": list(images.shape[1:]), "warmup_s": round(warmup_s, 2), "batch_s": batch_s,
           "images_per_s": b / batch_s, "finite": bool(torch.isfinite(images).all()),
           "peak_memory_gb": _peak_memory(device)}
+  if profile:
+    out["profile"] = profile
+  return out
+
+
+def _profile(fn, steps: int, device, top: int = 15):
+  """The top kernels (CUDA) or operators (CPU) by self time over ``steps`` calls of ``fn``; None if 0 steps."""
+  if steps < 1:
+    return None
+  from torch.profiler import ProfilerActivity, profile  # pylint: disable=g-import-not-at-top
+  cuda = device.type == "cuda"
+  activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+  with profile(activities=activities) as prof:
+    for _ in range(steps):
+      fn()
+    _sync(device)
+  rows = []
+  for e in prof.key_averages():
+    us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)) if cuda \
+        else e.self_cpu_time_total
+    if us > 0:
+      rows.append((e.key, us / 1e3 / steps, e.count / steps))
+  rows.sort(key=lambda r: -r[1])
+  # On a GPU, CPU-side operator rows carry no device time; what remains are the kernels (and memcpy/memset).
+  total = sum(ms for _, ms, _ in rows)
+  return {"source": "cuda kernels (torch.profiler)" if cuda else "cpu operators (torch.profiler)",
+          "steps": steps, "device_ms_per_step": total,
+          "top": [{"name": name, "ms_per_step": ms, "share": ms / total if total else 0.0, "calls_per_step": n}
+                  for name, ms, n in rows[:top]]}
 
 
 def _warmup(fn, n: int, device) -> float:

@@ -12,7 +12,9 @@ latents, 77x768 states), as a run on precomputed latents and text states sees th
 (drawn on the host). Imports no TensorFlow.
 
 FLOPs come from XLA's cost analysis of the compiled step (per device); MFU = achieved FLOP/s per device /
-``--peak_tflops``. Peak memory is the device's ``peak_bytes_in_use`` (GPU/TPU; CPUs do not report it).
+``--peak_tflops``. Peak memory is the device's ``peak_bytes_in_use`` (GPU/TPU; CPUs do not report it); XLA's
+memory analysis of the compiled program (arguments, outputs, temporaries, aliased = donated) is reported on
+every backend as ``compiled_memory_gb``. ``--profile_dir`` traces a few more steps and ranks the kernels.
 
 ``--mode=sample`` times one compiled program: ``--sample_steps`` DDIM steps (eta 0) with guidance ``--guidance``
 on a doubled batch (random conditional and unconditional text states, as if the prompts were encoded), then
@@ -22,11 +24,19 @@ parameters random and stored in the compute dtype (as the fp16 PyTorch pipeline)
 PyTorch peer; ``docs/performance.md`` the table.
 
     python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:sd15 --mode=sample --batch=16
+
+``--mode=check`` measures the numerics the speed rests on, on this backend (:func:`run_check`): the UNet's
+forward in the config's compute dtype against the float32 forward (matmuls at "highest" precision), relative
+L2 error (issue 9 asks <= 1e-2 for bf16), and the config's attention implementation against the reference one
+at the UNet's attention shapes, forward and gradients.
+
+    python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:sd15 --mode=check
 """
 from __future__ import annotations
 
 import json
 import time
+import zlib
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -37,10 +47,17 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of one device in the compute dtype (for MFU).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
-_MODE = flags.DEFINE_enum("mode", "step", ["step", "sample"], "Time the train step, or DDIM sampling + decode.")
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "sample", "check"],
+                          "Time the train step, or DDIM sampling + decode; or check the numerics (no timing).")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps (--mode=sample).")
 _GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (--mode=sample).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per sampling batch (--mode=sample).")
+_PROFILE_DIR = flags.DEFINE_string(
+    "profile_dir", None, "After timing, trace --profile_steps more steps (batches) with jax.profiler into this "
+    "folder and print the top kernels (sc_dpo_jax.profiling); the summary goes into the JSON as 'profile'.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Steps (batches) traced with --profile_dir.")
+_CHECK_TOL = flags.DEFINE_float("check_rel_tol", 1e-2, "--mode=check: the largest relative L2 error of the forward "
+                                "in the compute dtype against float32 that passes (issue 9: 1e-2 for bf16).")
 flags.mark_flags_as_required(["config"])
 
 ARCHITECTURES = ("tiny", "sd15", "sd21")
@@ -66,7 +83,30 @@ def models_for(architecture: str, dtype, attention: str, remat_policy=None):
   return unet, (size, size, int(config.in_channels)), text
 
 
-def run(config, *, steps: int, warmup: int, peak_tflops=None):
+def _memory_analysis(compiled):
+  """XLA's buffer sizes of a compiled program in GB (None where the backend gives none)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if m is None:
+    return None
+  fields = ("argument", "output", "alias", "temp", "generated_code")
+  out = {f: getattr(m, f"{f}_size_in_bytes", 0) / 1e9 for f in fields}
+  peak = getattr(m, "peak_memory_in_bytes", 0)
+  if peak:
+    out["peak"] = peak / 1e9
+  return out
+
+
+def _profile(fn, steps: int):
+  from sc_dpo_jax import profiling  # pylint: disable=g-import-not-at-top
+  summary = profiling.profile(fn, steps=steps, logdir=_PROFILE_DIR.value)
+  print(profiling.format_summary(summary))
+  return summary
+
+
+def run(config, *, steps: int, warmup: int, peak_tflops=None, profile_steps: int = 0):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -115,22 +155,29 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None):
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else {}
   flops = float((analysis or {}).get("flops", 0.0)) or None
-  for _ in range(warmup):
+  metrics = None
+
+  def advance():   # the state is donated: each call consumes it and keeps the new one
+    nonlocal state, metrics
     state, metrics = compiled(state, frozen, batch, rng)
+
+  for _ in range(warmup):
+    advance()
   jax.block_until_ready(state)
   t0 = time.time()
   for _ in range(steps):
-    state, metrics = compiled(state, frozen, batch, rng)
+    advance()
   jax.block_until_ready((state, metrics))
   elapsed = time.time() - t0
   step_s = elapsed / steps
+  profile = _profile(lambda: (advance(), jax.block_until_ready(state)), profile_steps) if profile_steps else None
   out = {
       "method": objective.method, "architecture": c.model.architecture, "lora": bool(lora),
       "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind, "mesh": dict(mesh.shape),
       "batch_pairs": batch_size, "dtype": c.model.dtype, "attention": c.model.attention,
       "remat_policy": c.model.remat_policy, "compile_s": round(compile_s, 2), "host_init_s": round(init_s, 2),
       "step_s": step_s, "pairs_per_s": batch_size / step_s,
-      "loss": float(np.asarray(metrics["loss"])),
+      "loss": float(np.asarray(metrics["loss"])), "compiled_memory_gb": _memory_analysis(compiled),
   }
   if flops:
     out["tflop_per_step_per_device"] = flops / 1e12
@@ -140,6 +187,8 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None):
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
+  if profile:
+    out["profile"] = profile
   return out
 
 
@@ -154,7 +203,8 @@ def vae_for(architecture: str, dtype, attention: str):
   return AutoencoderKL(config, dtype=dtype, attention=attention)
 
 
-def run_sample(config, *, batch: int, sample_steps: int, guidance: float, steps: int, warmup: int):
+def run_sample(config, *, batch: int, sample_steps: int, guidance: float, steps: int, warmup: int,
+               profile_steps: int = 0):
   """Images/s of ``sample_steps`` DDIM steps with guidance ``guidance`` and the VAE decode, at ``batch``."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -208,17 +258,100 @@ def run_sample(config, *, batch: int, sample_steps: int, guidance: float, steps:
     images = compiled(params, noise, context, uncond)
   images = np.asarray(jax.block_until_ready(images))
   batch_s = (time.time() - t0) / steps
+  profile = (_profile(lambda: jax.block_until_ready(compiled(params, noise, context, uncond)), profile_steps)
+             if profile_steps else None)
   out = {
       "mode": "sample", "architecture": c.model.architecture, "devices": 1,
       "device_kind": jax.devices()[0].device_kind, "batch": batch, "sample_steps": sample_steps,
       "guidance": guidance, "unet_evals_per_step": 2 if use_guidance else 1, "dtype": c.model.dtype,
       "attention": c.model.attention, "image_shape": list(images.shape[1:]), "compile_s": round(compile_s, 2),
       "host_init_s": round(init_s, 2), "batch_s": batch_s, "images_per_s": batch / batch_s,
-      "finite": bool(np.isfinite(images).all()),
+      "finite": bool(np.isfinite(images).all()), "compiled_memory_gb": _memory_analysis(compiled),
   }
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     out["peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
+  if profile:
+    out["profile"] = profile
+  return out
+
+
+# bf16 keeps 8 mantissa bits (half an ulp is 2e-3 to 4e-3 near 0.5-1) and kernels sum in different orders:
+ATTENTION_OUT_ATOL = 1.5e-2      # attention outputs are O(1): absolute error
+ATTENTION_GRAD_REL_TOL = 2e-2    # gradients: relative L2 against the float32 reference
+
+
+def attention_shapes(architecture: str):
+  """``(name, Lq, Lk, heads, head_dim)`` of every distinct attention call of the architecture's UNet."""
+  unet, latent_shape, text_shape = models_for(architecture, "float32", "reference")
+  cfg, shapes = unet.config, []
+  for i, (block, width) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
+    if block != "CrossAttnDownBlock2D":
+      continue
+    tokens = (latent_shape[0] // 2 ** i) ** 2
+    heads = cfg.attention_head_dim[i]
+    shapes.append((f"self {tokens}", tokens, tokens, heads, width // heads))
+    shapes.append((f"cross {tokens}x{text_shape[0]}", tokens, text_shape[0], heads, width // heads))
+  tokens = (latent_shape[0] // 2 ** (len(cfg.block_out_channels) - 1)) ** 2   # the mid block
+  heads = cfg.attention_head_dim[-1]
+  for name, lk in ((f"self {tokens} (mid)", tokens), (f"cross {tokens}x{text_shape[0]} (mid)", text_shape[0])):
+    shapes.append((name, tokens, lk, heads, cfg.block_out_channels[-1] // heads))
+  return shapes
+
+
+def run_check(config, *, batch: int = 1, rel_tol: float = 1e-2):
+  """Numerics of ``config.model`` on this backend; see the module docstring (``--mode=check``)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from sc_dpo_jax.models import dot_product_attention  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.models.random_init import host_random_params  # pylint: disable=g-import-not-at-top
+
+  c = config
+  dtype, attention = jnp.dtype(c.model.dtype), c.model.attention
+  unet, latent_shape, text_shape = models_for(c.model.architecture, dtype, attention)
+  # cuDNN takes no float32 inputs: the float32 forward uses XLA's attention (what the check compares is dtype).
+  unet32 = unet.clone(dtype=jnp.float32, attention="xla" if attention == "cudnn" else attention)
+  params = host_random_params(unet32, seed=c.seed)
+  host = np.random.default_rng(0)
+  x = jnp.asarray(host.normal(size=(batch,) + latent_shape).astype(np.float32))
+  t = jnp.asarray(np.linspace(100, 900, batch).astype(np.int32))
+  text = jnp.asarray(host.normal(size=(batch,) + tuple(text_shape)).astype(np.float32))
+  with jax.default_matmul_precision("highest"):
+    want = np.asarray(jax.jit(unet32.apply)({"params": params}, x, t, text), np.float64)
+  got = np.asarray(jax.jit(unet.apply)({"params": params}, x, t, text), np.float64)
+  rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+  out = {"mode": "check", "architecture": c.model.architecture, "device_kind": jax.devices()[0].device_kind,
+         "dtype": c.model.dtype, "attention": attention, "batch": batch,
+         "forward_rel_l2_vs_float32": rel, "forward_finite": bool(np.isfinite(got).all()),
+         "forward_rel_tol": rel_tol, "attention_checks": []}
+  out["forward_ok"] = rel <= rel_tol and out["forward_finite"]
+  if attention != "reference":
+    compute = dtype if attention != "cudnn" or dtype != jnp.float32 else jnp.bfloat16
+
+    def loss(q, k, v, cot, implementation):
+      y = dot_product_attention(q, k, v, implementation=implementation)
+      return jnp.sum(y.astype(jnp.float32) * cot), y
+
+    for name, lq, lk, heads, dim in attention_shapes(c.model.architecture):
+      keys = jax.random.split(jax.random.PRNGKey(zlib.crc32(name.encode())), 4)
+      q, k, v = (jax.random.normal(kk, (batch, n, heads, dim)).astype(compute)
+                 for kk, n in zip(keys[:3], (lq, lk, lk)))
+      cot = jax.random.normal(keys[3], (batch, lq, heads, dim))
+      grad = lambda impl: jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True),  # noqa: E731
+                                  static_argnums=4)
+      (_, y), g = grad(attention)(q, k, v, cot, attention)
+      with jax.default_matmul_precision("highest"):
+        (_, y_ref), g_ref = grad("reference")(*(a.astype(jnp.float32) for a in (q, k, v)), cot, "reference")
+      err = float(jnp.max(jnp.abs(y.astype(jnp.float32) - y_ref)))
+      grad_rel = max(float(jnp.linalg.norm((a.astype(jnp.float32) - b).ravel()) / jnp.linalg.norm(b.ravel()))
+                     for a, b in zip(g, g_ref))
+      out["attention_checks"].append({
+          "shape": name, "lq": lq, "lk": lk, "heads": heads, "head_dim": dim, "dtype": str(jnp.dtype(compute)),
+          "out_max_abs": err, "grad_max_rel_l2": grad_rel,
+          "ok": err <= ATTENTION_OUT_ATOL and grad_rel <= ATTENTION_GRAD_REL_TOL})
+  out["ok"] = out["forward_ok"] and all(a["ok"] for a in out["attention_checks"])
   return out
 
 
@@ -234,9 +367,24 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from sc_dpo_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize()
+  profile_steps = _PROFILE_STEPS.value if _PROFILE_DIR.value else 0
+  if _MODE.value == "check":
+    result = run_check(_CONFIG.value, rel_tol=_CHECK_TOL.value)
+    print(f"check {result['architecture']} on {result['device_kind']}: {result['dtype']} forward vs float32, "
+          f"relative L2 {result['forward_rel_l2_vs_float32']:.2e} (<= {result['forward_rel_tol']:g}: "
+          f"{'ok' if result['forward_ok'] else 'FAILED'})")
+    for a in result["attention_checks"]:
+      print(f"  attention {result['attention']} vs reference, {a['shape']} tokens, {a['heads']}x{a['head_dim']} "
+            f"{a['dtype']}: output max abs {a['out_max_abs']:.2e}, gradients rel L2 {a['grad_max_rel_l2']:.2e} "
+            f"({'ok' if a['ok'] else 'FAILED'})")
+    _write(result)
+    if not result["ok"]:
+      raise SystemExit(1)
+    return
   if _MODE.value == "sample":
     result = run_sample(_CONFIG.value, batch=_BATCH.value, sample_steps=_SAMPLE_STEPS.value,
-                        guidance=_GUIDANCE.value, steps=_STEPS.value, warmup=_WARMUP.value)
+                        guidance=_GUIDANCE.value, steps=_STEPS.value, warmup=_WARMUP.value,
+                        profile_steps=profile_steps)
     line = (f"sample {result['architecture']} DDIM {result['sample_steps']} steps, guidance {result['guidance']}, "
             f"+ VAE decode, batch {result['batch']} on {result['device_kind']}: {result['images_per_s']:.2f} "
             f"images/s, {result['batch_s']:.3f} s per batch")
@@ -245,7 +393,8 @@ def main(argv):
     print(line)
     _write(result)
     return
-  result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, peak_tflops=_PEAK.value)
+  result = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, peak_tflops=_PEAK.value,
+               profile_steps=profile_steps)
   line = (f"{result['method']} {result['architecture']} x{result['batch_pairs']} pairs on {result['devices']} "
           f"{result['device_kind']}: {result['pairs_per_s']:.2f} pairs/s, step {result['step_s'] * 1e3:.1f} ms")
   if "tflops_per_device" in result:

@@ -100,7 +100,7 @@ class ResnetBlock2D(nn.Module):
     h = conv(self.out_channels, 3, padding=1, name="conv2", **kw)(h)
     if x.shape[-1] != self.out_channels:
       x = conv(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
-    out = x + h
+    out = x.astype(jnp.float32) + h   # the residual stream is float32 (layers.py: dtype policy)
     return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
@@ -163,6 +163,7 @@ class BasicTransformerBlock(nn.Module):
     o = self.opts
     kw = dict(dtype=o.dtype, param_dtype=o.param_dtype)
     attn = lambda name: Attention(self.heads, self.head_dim, self.upcast, o, name=name)
+    x = x.astype(jnp.float32)   # the residual stream is float32 (layers.py: dtype policy)
     x = x + attn("attn1")(LayerNorm(name="norm1", **kw)(x))
     x = x + attn("attn2")(LayerNorm(name="norm2", **kw)(x), context)
     return x + FeedForward(o, name="ff")(LayerNorm(name="norm3", **kw)(x))
@@ -195,7 +196,7 @@ class Transformer2DModel(nn.Module):
       h = dense(ch, ("mlp", "embed"), name="proj_out", **kw)(h).reshape(b, hgt, wid, ch)
     else:
       h = conv(ch, 1, padding=0, name="proj_out", **kw)(h.reshape(b, hgt, wid, inner))
-    return h + x
+    return h + x.astype(jnp.float32)
 
 
 class Downsample2D(nn.Module):

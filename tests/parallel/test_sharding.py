@@ -40,8 +40,10 @@ from sc_dpo_jax.rewards.cost_model import CostAdapter
 pytestmark = pytest.mark.xdist_group("parallel")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
+# Quick CPU compiles for the worker processes. jaxlib 0.11 dropped --xla_cpu_use_fusion_emitters (an unknown
+# XLA flag aborts the process), so it is passed only to the jaxlib versions that know it.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true" + (
+    " --xla_cpu_use_fusion_emitters=false" if tuple(map(int, jax.__version__.split(".")[:2])) < (0, 11) else "")
 # A one-block SD1-style UNet: resnets with skip convs, time embedding, and in the mid block self- and
 # cross-attention and the feed-forward: every kind of parameter of SD's UNet, compiled in a few seconds.
 TINY_UNET = dict(block_out_channels=(32,), layers_per_block=(1,), down_block_types=("DownBlock2D",),
