@@ -104,12 +104,27 @@ def _norm_params(module: nn.Module, channels: int):
   return scale.astype(jnp.float32), bias.astype(jnp.float32)
 
 
+def convs_and_dots_saveable(prim, *_, **__) -> bool:
+  """Remat policy: keep the outputs of convolutions and matmuls, recompute everything else in the backward.
+
+  ``jax.checkpoint_policies.dots_saveable`` knows only ``dot_general``: in a UNet it would recompute every
+  convolution. With this policy a block's backward recomputes its norms, activations, residual sums and
+  attention (one more attention forward) from the saved conv/matmul outputs: the activations that stay are
+  those the backward of a conv or matmul needs anyway.
+  """
+  return prim.name in ("dot_general", "conv_general_dilated")
+
+
+# Policies of our own, beside the names of ``jax.checkpoint_policies``.
+REMAT_POLICIES = {"convs_and_dots_saveable": convs_and_dots_saveable}
+
+
 def remat_policy(name: str | None):
-  """Resolves a checkpoint policy name from ``jax.checkpoint_policies`` ("nothing_saveable", ...)."""
+  """Resolves a checkpoint policy name: ours (:data:`REMAT_POLICIES`) or ``jax.checkpoint_policies``'s."""
   if name is None:
     return None
-  policy = getattr(jax.checkpoint_policies, name, None)
+  policy = REMAT_POLICIES.get(name) or getattr(jax.checkpoint_policies, name, None)
   if policy is None or not callable(policy):
-    choices = sorted(n for n in dir(jax.checkpoint_policies) if n.endswith("saveable"))
+    choices = sorted(set(REMAT_POLICIES) | {n for n in dir(jax.checkpoint_policies) if n.endswith("saveable")})
     raise ValueError(f"unknown remat policy {name!r}; choose one of {choices}")
   return policy

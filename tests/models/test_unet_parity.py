@@ -137,7 +137,8 @@ def _baseline():
 # The second policy takes as long as the first (about a minute) and checks the same code path with another
 # jax.checkpoint_policies name: `make test-slow` runs it.
 @pytest.mark.parametrize("policy", ["nothing_saveable",
-                                    pytest.param("dots_with_no_batch_dims_saveable", marks=pytest.mark.slow)])
+                                    pytest.param("dots_with_no_batch_dims_saveable", marks=pytest.mark.slow),
+                                    pytest.param("convs_and_dots_saveable", marks=pytest.mark.slow)])
 def test_remat_same_values_and_grads(policy):
   unet, params, (l1, g1) = _baseline()
   remat = dataclasses.replace(unet, remat_policy=policy)
@@ -147,6 +148,33 @@ def test_remat_same_values_and_grads(policy):
   # Remat really is applied: the forward jaxpr holds remat primitives, and only with a policy.
   jaxpr = lambda module: str(jax.make_jaxpr(_mean_square, static_argnums=1)(params, module))
   assert "remat" in jaxpr(remat) and "remat" not in jaxpr(unet)
+
+
+@pytest.mark.parametrize("block", ["resnet", "transformer"])
+def test_convs_and_dots_policy_keeps_only_conv_and_matmul_outputs(block, capsys):
+  from jax.ad_checkpoint import print_saved_residuals
+  from sc_dpo_jax.models import unet as unet_lib
+  from sc_dpo_jax.models.layers import remat_policy
+  opts = unet_lib.Options(jnp.float32, jnp.float32, "reference", None)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 4, 4, 16)).astype(np.float32))
+  if block == "resnet":
+    module, extra = unet_lib.ResnetBlock2D(24, 4, 1e-5, opts), jnp.asarray(rng.normal(size=(2, 32)), jnp.float32)
+  else:
+    module, extra = unet_lib.Transformer2DModel(2, 1, 4, False, False, opts), jnp.asarray(
+        rng.normal(size=(2, 5, 12)), jnp.float32)
+  params = module.init(jax.random.PRNGKey(0), x, extra)
+  loss = lambda p, x: jnp.sum(jnp.sin(module.apply(p, x, extra)))  # noqa: E731
+  remat = jax.checkpoint(loss, policy=remat_policy("convs_and_dots_saveable"))
+  np.testing.assert_allclose(remat(params, x), loss(params, x), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.grad(remat)(params, x), jax.grad(loss)(params, x))
+  print_saved_residuals(remat, params, x)
+  saved = [line for line in capsys.readouterr().out.splitlines() if "output of" in line]
+  assert saved and all("output of conv_general_dilated" in line or "output of dot_general" in line
+                       for line in saved), saved
+  print_saved_residuals(loss, params, x)   # without remat: norms and activations are kept as well
+  assert len([line for line in capsys.readouterr().out.splitlines() if "output of" in line]) > 2 * len(saved)
 
 
 def test_remat_unknown_policy_is_an_error():
@@ -187,3 +215,19 @@ def test_nchw_input_is_refused_with_a_hint():
     unet.init(jax.random.PRNGKey(0), x.transpose(0, 3, 1, 2), t, text)
   with pytest.raises(ValueError, match="encoder_hidden_states"):
     unet.init(jax.random.PRNGKey(0), x, t, text[..., :7])
+
+
+def test_fast_host_random_params_same_distributions_and_reproducible():
+  unet = models.UNet2DConditionModel(SD1_TINY)
+  slow, fast = random_params(unet, seed=3), random_params(unet, seed=3, fast=True)
+  assert jax.tree.structure(slow) == jax.tree.structure(fast)
+  for a, b in zip(jax.tree.leaves(slow), jax.tree.leaves(fast)):
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+  jax.tree.map(np.testing.assert_array_equal, fast, random_params(unet, seed=3, fast=True))   # reproducible
+  assert not np.array_equal(fast["conv_in"]["kernel"], random_params(unet, seed=4, fast=True)["conv_in"]["kernel"])
+  kernel = np.asarray(fast["down_blocks_0"]["resnets_0"]["conv1"]["kernel"])
+  fan_in = int(np.prod(kernel.shape[:-1]))
+  assert abs(kernel.std() * np.sqrt(fan_in) - 1) < 0.1 and abs(kernel.mean()) * np.sqrt(fan_in) < 0.05
+  scales = np.concatenate([np.ravel(v) for k, v in jax.tree_util.tree_leaves_with_path(fast)
+                           if jax.tree_util.keystr(k).endswith("['scale']")])
+  assert abs(scales.mean() - 1) < 0.02 and abs(scales.std() - 0.1) < 0.02
