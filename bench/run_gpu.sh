@@ -8,8 +8,8 @@
 #
 # Runs, most important first; each is skipped when it would not finish inside BUDGET_S (default 480 s for all),
 # and killed at the budget's end, so that what ran comes back:
-#   ours_diffusion_dpo (with a profile), peer_step_eager (profile), ours_sample (profile), peer_sample_eager,
-#   ours_dpo_remat (remat policy convs_and_dots_saveable), ours_check (bf16 vs float32 forward; cuDNN vs reference
+#   ours_diffusion_dpo (remat convs_and_dots_saveable, the sd15 default; with a profile), peer_step_eager
+#   (profile), ours_sample (profile), peer_sample_eager, ours_dpo_noremat (no remat), ours_check (bf16 vs float32 forward; cuDNN vs reference
 #   attention), ours_duo_lora, peer_step_compile, peer_sample_compile, ours_sc_dpo, gpu_tests (pytest tests/gpu).
 # Output, three files (the device tool returns at most eight): results.json and table.md (bench/collect.py),
 # and runs.tar.gz (each run's JSON and log, status.tsv, gpu_tests.xml).
@@ -101,7 +101,8 @@ sample=(--mode=sample --batch="$BATCH" --sample_steps="$SAMPLE_STEPS" --steps=3 
 profile_dir="${TMPDIR:-/tmp}/sc_dpo_jax_profiles"
 
 # Estimates (s) are for one H100/H200 (host init of 860 M random parameters, AOT compile, warm-up, timing).
-run ours_diffusion_dpo 150 "${ours[@]}" --config="configs/diffusion_dpo.py:$ARCH" \
+remat=--config.model.remat_policy=convs_and_dots_saveable
+run ours_diffusion_dpo 150 "${ours[@]}" --config="configs/diffusion_dpo.py:$ARCH" "$remat" \
   --profile_dir="$profile_dir/ours_step" --json="$RUNS/ours_diffusion_dpo.json"
 run peer_step_eager 60 "${peer[@]}" --mode=step --batch_pairs=8 --profile_steps=2 "${peer_step_flags[@]}" \
   --json="$RUNS/peer_step_eager.json"
@@ -109,8 +110,8 @@ run ours_sample 150 "${ours[@]}" --config="configs/diffusion_dpo.py:$ARCH" "${sa
   --profile_dir="$profile_dir/ours_sample" --profile_steps=1 --json="$RUNS/ours_sample.json"
 run peer_sample_eager 60 "$PYTHON" bench/peer_torch.py --arch="$ARCH" "${sample[@]}" \
   --json="$RUNS/peer_sample_eager.json"
-run ours_dpo_remat 150 "${ours[@]}" --config="configs/diffusion_dpo.py:$ARCH" \
-  --config.model.remat_policy=convs_and_dots_saveable --json="$RUNS/ours_dpo_remat.json"
+run ours_dpo_noremat 150 "${ours[@]}" --config="configs/diffusion_dpo.py:$ARCH" --config.model.remat_policy=none \
+  --json="$RUNS/ours_dpo_noremat.json"
 run ours_check 60 "$PYTHON" -m sc_dpo_jax.bench --config="configs/diffusion_dpo.py:$ARCH" --mode=check \
   "${CHECK_FLAGS[@]}" --json="$RUNS/ours_check.json"
 run ours_duo_lora 120 "${ours[@]}" --config="configs/duo.py:$ARCH" --config.data.batch_size=8 \
@@ -119,7 +120,7 @@ run peer_step_compile 240 "${peer[@]}" --mode=step --batch_pairs=8 --compile "${
   --json="$RUNS/peer_step_compile.json"
 run peer_sample_compile 180 "$PYTHON" bench/peer_torch.py --arch="$ARCH" "${sample[@]}" --compile \
   --json="$RUNS/peer_sample_compile.json"
-run ours_sc_dpo 120 "${ours[@]}" --config="configs/sc_dpo.py:$ARCH" --json="$RUNS/ours_sc_dpo.json"
+run ours_sc_dpo 120 "${ours[@]}" --config="configs/sc_dpo.py:$ARCH" "$remat" --json="$RUNS/ours_sc_dpo.json"
 run gpu_tests 60 "$PYTHON" -m pytest -q tests/gpu --junitxml="$RUNS/gpu_tests.xml"
 
 "$PYTHON" bench/collect.py "$RUNS" --out "$OUT_DIR" \

@@ -120,8 +120,11 @@ REMAT_POLICIES = {"convs_and_dots_saveable": convs_and_dots_saveable}
 
 
 def remat_policy(name: str | None):
-  """Resolves a checkpoint policy name: ours (:data:`REMAT_POLICIES`) or ``jax.checkpoint_policies``'s."""
-  if name is None:
+  """Resolves a checkpoint policy name: ours (:data:`REMAT_POLICIES`) or ``jax.checkpoint_policies``'s.
+
+  None or "none" (what a command-line flag can say) mean no rematerialisation: None is returned.
+  """
+  if name is None or name.lower() == "none":
     return None
   policy = REMAT_POLICIES.get(name) or getattr(jax.checkpoint_policies, name, None)
   if policy is None or not callable(policy):

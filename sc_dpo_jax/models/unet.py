@@ -43,9 +43,8 @@ class Options:
   remat_policy: Optional[str] = None
 
   def maybe_remat(self, module_cls):
-    if self.remat_policy is None:
-      return module_cls
-    return nn.remat(module_cls, policy=remat_policy(self.remat_policy))
+    policy = remat_policy(self.remat_policy)   # None: no remat ("none" too)
+    return module_cls if policy is None else nn.remat(module_cls, policy=policy)
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool, freq_shift: float,

@@ -46,7 +46,11 @@ def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
       dtype="float32" if tiny else "bfloat16",   # compute dtype; parameters stay float32
       ref_dtype="float32" if tiny else "bfloat16",   # storage of the frozen reference copy (full fine-tuning)
       attention="reference" if tiny else "cudnn",
-      remat_policy=config_dict.placeholder(str),   # e.g. "nothing_saveable" (jax.checkpoint_policies)
+      # Rematerialisation of each UNet block: a name of models.layers.REMAT_POLICIES or jax.checkpoint_policies,
+      # or "none". SD: keep conv/matmul outputs only (docs/performance.md: ~0.6 GB of activations per 512-px
+      # image instead of ~2 GB, for a recompute of norms and activations).
+      remat_policy=config_dict.placeholder(str) if tiny else config_dict.FieldReference(
+          "convs_and_dots_saveable", field_type=str),
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.min_shard_size = 2 ** 14

@@ -231,3 +231,11 @@ def test_fast_host_random_params_same_distributions_and_reproducible():
   scales = np.concatenate([np.ravel(v) for k, v in jax.tree_util.tree_leaves_with_path(fast)
                            if jax.tree_util.keystr(k).endswith("['scale']")])
   assert abs(scales.mean() - 1) < 0.02 and abs(scales.std() - 0.1) < 0.02
+
+
+def test_remat_none_by_name_means_no_remat():
+  from sc_dpo_jax.models.layers import remat_policy
+  assert remat_policy(None) is None and remat_policy("none") is None and remat_policy("None") is None
+  unet = models.UNet2DConditionModel(SD1_TINY, remat_policy="none")
+  params = random_params(models.UNet2DConditionModel(SD1_TINY))
+  assert "remat" not in str(jax.make_jaxpr(_mean_square, static_argnums=1)(params, unet))
