@@ -31,6 +31,11 @@ L2 error (issue 9 asks <= 1e-2 for bf16), and the config's attention implementat
 at the UNet's attention shapes, forward and gradients.
 
     python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:sd15 --mode=check
+
+``--mode=memory`` predicts the step's device memory from shapes alone (``sc_dpo_jax.memory``): the exact train
+state and the activations JAX saves for the backward under the config's dtype and remat policy.
+
+    python -m sc_dpo_jax.bench --config=configs/diffusion_dpo.py:sd15 --mode=memory
 """
 from __future__ import annotations
 
@@ -41,14 +46,17 @@ import zlib
 from absl import app, flags
 from ml_collections import config_flags
 
+from sc_dpo_jax.models.architectures import models_for, vae_for
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file of the DPO family.",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Peak dense TFLOP/s of one device in the compute dtype (for MFU).")
 _JSON = flags.DEFINE_string("json", None, "Also write the results here.")
-_MODE = flags.DEFINE_enum("mode", "step", ["step", "sample", "check"],
-                          "Time the train step, or DDIM sampling + decode; or check the numerics (no timing).")
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "sample", "check", "memory"],
+                          "Time the train step, or DDIM sampling + decode; check the numerics; or estimate the "
+                          "step's device memory from shapes (sc_dpo_jax.memory; nothing runs).")
 _SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 50, "DDIM steps (--mode=sample).")
 _GUIDANCE = flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (--mode=sample).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per sampling batch (--mode=sample).")
@@ -59,29 +67,6 @@ _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Steps (batches) trace
 _CHECK_TOL = flags.DEFINE_float("check_rel_tol", 1e-2, "--mode=check: the largest relative L2 error of the forward "
                                 "in the compute dtype against float32 that passes (issue 9: 1e-2 for bf16).")
 flags.mark_flags_as_required(["config"])
-
-ARCHITECTURES = ("tiny", "sd15", "sd21")
-
-
-def models_for(architecture: str, dtype, attention: str, remat_policy=None):
-  """(UNet module, latent shape [h, w, c], text shape [L, D]) of an architecture."""
-  from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
-  if architecture not in ARCHITECTURES:
-    raise ValueError(f"config.model.architecture = {architecture!r}; choose one of {ARCHITECTURES}")
-  if architecture == "tiny":
-    from sc_dpo_jax.models import tiny  # pylint: disable=g-import-not-at-top
-    config, text = models.tiny_config(cross_attention_dim=tiny.TEXT_DIM), (tiny.TEXT_LENGTH, tiny.TEXT_DIM)
-  elif architecture == "sd15":
-    config, text = models.sd15_config(), (77, 768)
-  else:
-    config, text = models.sd21_config(), (77, 1024)
-  kwargs = dict(dtype=dtype, attention=attention)
-  if remat_policy:
-    kwargs["remat_policy"] = remat_policy
-  unet = models.UNet2DConditionModel(config, **kwargs)
-  size = int(config.sample_size)
-  return unet, (size, size, int(config.in_channels)), text
-
 
 def _memory_analysis(compiled):
   """XLA's buffer sizes of a compiled program in GB (None where the backend gives none)."""
@@ -190,17 +175,6 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None, profile_steps: int
   if profile:
     out["profile"] = profile
   return out
-
-
-def vae_for(architecture: str, dtype, attention: str):
-  """The VAE module of an architecture (SD1.x/2.x: 8x downsampling; tiny: 2x)."""
-  from sc_dpo_jax.models import vae_config  # pylint: disable=g-import-not-at-top
-  from sc_dpo_jax.models.vae import AutoencoderKL  # pylint: disable=g-import-not-at-top
-  if architecture == "tiny":
-    config = vae_config.tiny_vae_config()
-  else:
-    config = vae_config.sd_vae_config(768 if architecture == "sd21" else 512)
-  return AutoencoderKL(config, dtype=dtype, attention=attention)
 
 
 def run_sample(config, *, batch: int, sample_steps: int, guidance: float, steps: int, warmup: int,
@@ -368,6 +342,12 @@ def main(argv):
   from sc_dpo_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize()
   profile_steps = _PROFILE_STEPS.value if _PROFILE_DIR.value else 0
+  if _MODE.value == "memory":
+    from sc_dpo_jax import memory  # pylint: disable=g-import-not-at-top
+    result = memory.estimate(_CONFIG.value)
+    print(memory.format_estimate(result))
+    _write(result)
+    return
   if _MODE.value == "check":
     result = run_check(_CONFIG.value, rel_tol=_CHECK_TOL.value)
     print(f"check {result['architecture']} on {result['device_kind']}: {result['dtype']} forward vs float32, "
