@@ -163,9 +163,12 @@ def table(runs, pytest_counts, command=""):
   check = runs.get("ours_check")
   if check and check["result"]:
     c = check["result"]
-    lines.append(f"- {c['dtype']} forward of the {c['architecture']} UNet against float32 (highest precision): "
-                 f"relative L2 **{c['forward_rel_l2_vs_float32']:.2e}** (goal ≤ {c['forward_rel_tol']:g}: "
-                 f"{'met' if c['forward_ok'] else 'MISSED'})")
+    lines.append(f"- {c['dtype']} forward of the {c['architecture']} UNet ({c.get('weights', 'random')} weights) "
+                 f"against float32 (highest precision): relative L2 **{c['forward_rel_l2_vs_float32']:.2e}** "
+                 f"(rounding the weights alone: {c.get('weights_only_rel_l2', float('nan')):.2e}; "
+                 f"goal ≤ {c['forward_rel_tol']:g}: "
+                 f"{'met' if c['forward_ok'] else 'MISSED'}); XLA counts {c.get('forward_gflop_per_image_xla', 0):.4g} "
+                 f"GFLOP per image for that forward")
     for a in c["attention_checks"]:
       lines.append(f"- attention `{c['attention']}` vs reference, {a['shape']}, {a['heads']}x{a['head_dim']} "
                    f"{a['dtype']}: output max abs {a['out_max_abs']:.1e}, gradients rel L2 "

@@ -63,7 +63,8 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--arch", choices=sorted(ARCHS), default="sd15")
-  p.add_argument("--mode", choices=("step", "sample"), default="step")
+  p.add_argument("--mode", choices=("step", "sample", "flops"), default="step",
+                 help="flops: count one UNet forward's FLOPs per image (meta tensors, nothing runs).")
   p.add_argument("--batch_pairs", type=int, default=8, help="DPO pairs per step (2x images).")
   p.add_argument("--batch", type=int, default=16, help="Images per sampling batch.")
   p.add_argument("--sample_steps", type=int, default=50)
@@ -252,6 +253,28 @@ def _profile(fn, steps: int, device, top: int = 15):
                   for name, ms, n in rows[:top]]}
 
 
+def run_flops(args):
+  """FLOPs of one UNet forward on one image, by operator (``torch.utils.flop_counter`` on meta tensors)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from diffusers import UNet2DConditionModel  # pylint: disable=g-import-not-at-top
+  from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+  unet_config, _, text_shape = ARCHS[args.arch]
+  size = unet_config["sample_size"]
+  with torch.device("meta"):
+    unet = UNet2DConditionModel(**{k: list(v) if isinstance(v, tuple) else v for k, v in unet_config.items()})
+    counter = FlopCounterMode(display=False)
+    with counter:
+      unet(torch.zeros(1, 4, size, size), torch.tensor([500]), torch.zeros((1,) + text_shape))
+  by_op = {str(op).removeprefix("aten.").split(".")[0]: n / 1e9
+           for op, n in counter.get_flop_counts()["Global"].items()}
+  conv = sum(v for k, v in by_op.items() if "convolution" in k)
+  linear = sum(v for k, v in by_op.items() if k in ("addmm", "mm"))
+  return {"mode": "flops", "arch": args.arch, "compile": False, "gflop_per_image": counter.get_total_flops() / 1e9,
+          "gflop_by_op": by_op, "conv_and_linear_gflop": conv + linear,
+          "attention_gflop": sum(v for k, v in by_op.items() if k in ("bmm", "baddbmm") or "attention" in k),
+          "params_m": sum(p.numel() for p in unet.parameters()) / 1e6}
+
+
 def _warmup(fn, n: int, device) -> float:
   """Calls ``fn`` ``n`` times (compilation, autotuning), then resets the peak-memory counter; seconds taken."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -286,6 +309,11 @@ def _peak_memory(device):
 
 def summary(out) -> str:
   """The one-line result, with the figures ``python -m sc_dpo_jax.bench`` prints."""
+  if out["mode"] == "flops":
+    return (f"peer flops {out['arch']}: one UNet forward, one image: {out['gflop_per_image']:.4g} GFLOP = "
+            f"convolutions and linear layers {out['conv_and_linear_gflop']:.4g} + attention products "
+            f"{out['attention_gflop']:.4g} "
+            f"({out['params_m']:.1f} M parameters)")
   kind = "torch.compile" if out["compile"] else "eager"
   memory = "n/a (CPU)" if out["peak_memory_gb"] is None else f"{out['peak_memory_gb']:.1f} GB"
   if out["mode"] == "step":
@@ -316,7 +344,10 @@ def main(argv=None):
   if device.type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-  out = run_step(args, device) if args.mode == "step" else run_sample(args, device)
+  if args.mode == "flops":
+    out = run_flops(args)
+  else:
+    out = run_step(args, device) if args.mode == "step" else run_sample(args, device)
   if out["mode"] == "step" and not math.isfinite(out["loss"]):
     print(f"warning: non-finite loss {out['loss']}", file=sys.stderr)
   print(summary(out))

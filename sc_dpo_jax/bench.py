@@ -64,6 +64,8 @@ _PROFILE_DIR = flags.DEFINE_string(
     "profile_dir", None, "After timing, trace --profile_steps more steps (batches) with jax.profiler into this "
     "folder and print the top kernels (sc_dpo_jax.profiling); the summary goes into the JSON as 'profile'.")
 _PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 2, "Steps (batches) traced with --profile_dir.")
+_UNET_PATH = flags.DEFINE_string("unet_path", None, "--mode=check: a diffusers UNet folder whose (trained) weights "
+                                  "the check uses instead of random ones.")
 _CHECK_TOL = flags.DEFINE_float("check_rel_tol", 1e-2, "--mode=check: the largest relative L2 error of the forward "
                                 "in the compute dtype against float32 that passes (issue 9: 1e-2 for bf16).")
 flags.mark_flags_as_required(["config"])
@@ -255,9 +257,8 @@ ATTENTION_OUT_ATOL = 1.5e-2      # attention outputs are O(1): absolute error
 ATTENTION_GRAD_REL_TOL = 2e-2    # gradients: relative L2 against the float32 reference
 
 
-def attention_shapes(architecture: str):
-  """``(name, Lq, Lk, heads, head_dim)`` of every distinct attention call of the architecture's UNet."""
-  unet, latent_shape, text_shape = models_for(architecture, "float32", "reference")
+def attention_shapes(unet, latent_shape, text_shape):
+  """``(name, Lq, Lk, heads, head_dim)`` of every distinct attention call of ``unet`` at these input shapes."""
   cfg, shapes = unet.config, []
   for i, (block, width) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
     if block != "CrossAttnDownBlock2D":
@@ -273,33 +274,58 @@ def attention_shapes(architecture: str):
   return shapes
 
 
-def run_check(config, *, batch: int = 1, rel_tol: float = 1e-2):
-  """Numerics of ``config.model`` on this backend; see the module docstring (``--mode=check``)."""
+def run_check(config, *, batch: int = 1, rel_tol: float = 1e-2, unet_path=None):
+  """Numerics of ``config.model`` on this backend; see the module docstring (``--mode=check``).
+
+  Weights: random (the architecture's shapes), or a diffusers UNet folder ``unet_path`` (trained weights).
+  Besides the compute-dtype forward, the float32 forward with weights rounded to the compute dtype is
+  compared too (``weights_only_rel_l2``): the part of the error that rounding the weights alone makes, which
+  no kernel computing from such weights can avoid.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
+  from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.models import dot_product_attention  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.models.random_init import host_random_params  # pylint: disable=g-import-not-at-top
 
   c = config
   dtype, attention = jnp.dtype(c.model.dtype), c.model.attention
-  unet, latent_shape, text_shape = models_for(c.model.architecture, dtype, attention)
+  if unet_path:
+    unet, params = models.load_unet(unet_path)
+    unet = unet.clone(dtype=dtype, attention=attention)
+    size = int(unet.config.sample_size)
+    latent_shape, text_shape = (size, size, int(unet.config.in_channels)), (77, int(unet.config.cross_attention_dim))
+  else:
+    unet, latent_shape, text_shape = models_for(c.model.architecture, dtype, attention)
   # cuDNN takes no float32 inputs: the float32 forward uses XLA's attention (what the check compares is dtype).
   unet32 = unet.clone(dtype=jnp.float32, attention="xla" if attention == "cudnn" else attention)
-  params = host_random_params(unet32, seed=c.seed, fast=True)
+  if not unet_path:
+    params = host_random_params(unet32, seed=c.seed, fast=True)
   host = np.random.default_rng(0)
   x = jnp.asarray(host.normal(size=(batch,) + latent_shape).astype(np.float32))
   t = jnp.asarray(np.linspace(100, 900, batch).astype(np.int32))
   text = jnp.asarray(host.normal(size=(batch,) + tuple(text_shape)).astype(np.float32))
   with jax.default_matmul_precision("highest"):
-    want = np.asarray(jax.jit(unet32.apply)({"params": params}, x, t, text), np.float64)
+    forward32 = jax.jit(unet32.apply).lower({"params": params}, x, t, text).compile()
+    want = np.asarray(forward32({"params": params}, x, t, text), np.float64)
+  analysis = forward32.cost_analysis()
+  analysis = (analysis[0] if analysis else {}) if isinstance(analysis, (list, tuple)) else (analysis or {})
   got = np.asarray(jax.jit(unet.apply)({"params": params}, x, t, text), np.float64)
-  rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
-  out = {"mode": "check", "architecture": c.model.architecture, "device_kind": jax.devices()[0].device_kind,
-         "dtype": c.model.dtype, "attention": attention, "batch": batch,
-         "forward_rel_l2_vs_float32": rel, "forward_finite": bool(np.isfinite(got).all()),
-         "forward_rel_tol": rel_tol, "attention_checks": []}
+  relative = lambda a: float(np.linalg.norm(a - want) / np.linalg.norm(want))  # noqa: E731
+  rel = relative(got)
+  rounded = jax.tree.map(lambda a: a.astype(dtype).astype(jnp.float32), params)
+  with jax.default_matmul_precision("highest"):
+    weights_only = relative(np.asarray(forward32({"params": rounded}, x, t, text), np.float64))
+  out = {"mode": "check", "architecture": "loaded" if unet_path else c.model.architecture,
+         "weights": unet_path or f"random (seed {c.seed})",
+         "device_kind": jax.devices()[0].device_kind, "dtype": c.model.dtype, "attention": attention,
+         "batch": batch, "forward_rel_l2_vs_float32": rel, "weights_only_rel_l2": weights_only,
+         "forward_finite": bool(np.isfinite(got).all()),
+         "forward_rel_tol": rel_tol, "attention_checks": [],
+         # XLA's count for the float32 forward (every op, attention products included), per image.
+         "forward_gflop_per_image_xla": float(analysis.get("flops", 0.0)) / batch / 1e9}
   out["forward_ok"] = rel <= rel_tol and out["forward_finite"]
   if attention != "reference":
     compute = dtype if attention != "cudnn" or dtype != jnp.float32 else jnp.bfloat16
@@ -308,7 +334,7 @@ def run_check(config, *, batch: int = 1, rel_tol: float = 1e-2):
       y = dot_product_attention(q, k, v, implementation=implementation)
       return jnp.sum(y.astype(jnp.float32) * cot), y
 
-    for name, lq, lk, heads, dim in attention_shapes(c.model.architecture):
+    for name, lq, lk, heads, dim in attention_shapes(unet, latent_shape, text_shape):
       keys = jax.random.split(jax.random.PRNGKey(zlib.crc32(name.encode())), 4)
       q, k, v = (jax.random.normal(kk, (batch, n, heads, dim)).astype(compute)
                  for kk, n in zip(keys[:3], (lq, lk, lk)))
@@ -349,10 +375,12 @@ def main(argv):
     _write(result)
     return
   if _MODE.value == "check":
-    result = run_check(_CONFIG.value, rel_tol=_CHECK_TOL.value)
-    print(f"check {result['architecture']} on {result['device_kind']}: {result['dtype']} forward vs float32, "
-          f"relative L2 {result['forward_rel_l2_vs_float32']:.2e} (<= {result['forward_rel_tol']:g}: "
-          f"{'ok' if result['forward_ok'] else 'FAILED'})")
+    result = run_check(_CONFIG.value, rel_tol=_CHECK_TOL.value, unet_path=_UNET_PATH.value)
+    print(f"check {result['architecture']} ({result['weights']} weights) on {result['device_kind']}: "
+          f"{result['dtype']} forward vs float32, relative L2 {result['forward_rel_l2_vs_float32']:.2e} "
+          f"(<= {result['forward_rel_tol']:g}: {'ok' if result['forward_ok'] else 'FAILED'}; rounding the weights "
+          f"alone: {result['weights_only_rel_l2']:.2e}); XLA counts {result['forward_gflop_per_image_xla']:.4g} "
+          f"GFLOP per image for the float32 forward")
     for a in result["attention_checks"]:
       print(f"  attention {result['attention']} vs reference, {a['shape']} tokens, {a['heads']}x{a['head_dim']} "
             f"{a['dtype']}: output max abs {a['out_max_abs']:.2e}, gradients rel L2 {a['grad_max_rel_l2']:.2e} "

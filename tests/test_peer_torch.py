@@ -56,3 +56,18 @@ def test_tiny_sample_runs_on_cpu(tmp_path):
   assert "images/s" in stdout
   assert data["batch"] == 16 and data["sample_steps"] == 2 and data["images_per_s"] > 0 and data["finite"]
   assert data["image_shape"] == [3, 16, 16]
+
+
+def test_flop_count_of_sd15_is_the_issues_accounting(tmp_path):
+  _, data = _run(tmp_path, "--mode=flops")   # tiny
+  assert data["gflop_per_image"] > 0
+  out = tmp_path / "sd15.json"
+  result = subprocess.run([sys.executable, SCRIPT, "--arch=sd15", "--mode=flops", f"--json={out}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  sd15 = json.loads(out.read_text())
+  # Issue 9: 677 GFLOP per image = convolutions and linear layers; the attention products come on top.
+  assert sd15["conv_and_linear_gflop"] == pytest.approx(677.2, abs=0.1)
+  assert sd15["attention_gflop"] == pytest.approx(126.1, abs=0.1)
+  assert sd15["gflop_per_image"] == pytest.approx(sd15["conv_and_linear_gflop"] + sd15["attention_gflop"])
+  assert sd15["params_m"] == pytest.approx(859.52, abs=0.01)
