@@ -70,6 +70,7 @@ _CHECK_TOL = flags.DEFINE_float("check_rel_tol", 1e-2, "--mode=check: the larges
                                 "in the compute dtype against float32 that passes (issue 9: 1e-2 for bf16).")
 flags.mark_flags_as_required(["config"])
 
+
 def _memory_analysis(compiled):
   """XLA's buffer sizes of a compiled program in GB (None where the backend gives none)."""
   try:

@@ -22,7 +22,9 @@ def _meta(pid, tid, process, thread):
 
 
 def test_device_kernels_ranked_with_shares_and_categories(tmp_path):
-  x = lambda name, ts, dur, pid=2, tid=7: {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur}  # noqa: E731
+  def x(name, ts, dur, pid=2, tid=7):
+    return {"ph": "X", "name": name, "pid": pid, "tid": tid, "ts": ts, "dur": dur}
+
   events = _meta(1, 1, "/host:CPU", "python") + _meta(2, 7, "/device:GPU:0", "Stream #7") + [
       x("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 0, 600),          # matmul
       x("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", 700, 600),

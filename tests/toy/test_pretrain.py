@@ -114,7 +114,7 @@ def test_quick_pretraining_writes_a_clip_that_transformers_and_the_rewards_read(
   pixels = np.asarray(preprocess(images, 16))
   with torch.no_grad():
     ref_text = theirs.get_text_features(input_ids=torch.from_numpy(tok(prompts).astype(np.int64)))
-    ref_image = theirs.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+    ref_image = theirs.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
   ref_text = getattr(ref_text, "pooler_output", ref_text).numpy()
   ref_image = getattr(ref_image, "pooler_output", ref_image).numpy()
   fast = pretrain.FAST_COMPILE_OPTIONS
