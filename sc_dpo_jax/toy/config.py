@@ -67,8 +67,9 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
       path=config_dict.placeholder(str),   # a folder with pipeline/ and clip/; default: the shipped one
   ))
   c.methods = ("sc_dpo",) if quick else ("diffusion_dpo", "sc_dpo", "duo", "shielddiff_rl")
-  # Sampling of the datasets and of the evaluation.
-  c.sampling = ml_collections.ConfigDict(dict(steps=20, guidance=4.0, batch_size=128))
+  # Sampling of the datasets and of the evaluation. XLA's attention kernel: the same images as the reference
+  # einsum at batch 128 (every pixel of the evaluation's 496 draws) in 14.5 s instead of 20.2 s on 2 CPU cores.
+  c.sampling = ml_collections.ConfigDict(dict(steps=20, guidance=4.0, batch_size=128, attention="xla"))
 
   cost = cost_model_config("tiny")
   cost.model.tiny = False
@@ -93,6 +94,7 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   rl = rl_config("tiny")
   rl.model.tiny = False
   rl.data.synthetic_prompts = 0
+  rl.model.attention = "xla"              # RL samples its own trajectories: sampling speed (c.sampling)
   rl.rl.num_steps = 10
   rl.rl.samples_per_iteration = 32
   rl.rl.samples_per_prompt = 4

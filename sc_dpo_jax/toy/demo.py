@@ -205,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   timings["cost_model"] = time.time() - t
 
   t = time.time()
-  pipe = models.load_pipeline(os.path.join(base, "pipeline"))
+  pipe = models.load_pipeline(os.path.join(base, "pipeline"), attention=config.sampling.attention)
   folders = build_datasets(config, world, pipe, base, workdir)
   timings["datasets"] = time.time() - t
 
