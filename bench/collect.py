@@ -103,6 +103,8 @@ def _categories(profile):
 def _profile_section(title, profile, n=10):
   if not profile:
     return [f"### {title}", "", "(no profile)", ""]
+  if "error" in profile:
+    return [f"### {title}", "", f"(the profiler failed: {profile['error']})", ""]
   lines = [f"### {title}", "",
            f"{profile.get('source', '?')}: {profile.get('device_ms_per_step', 0):.1f} ms of kernels per step"
            + (f", busy {100 * profile['busy_share']:.0f}% of {profile['wall_ms_per_step']:.1f} ms wall"

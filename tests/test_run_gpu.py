@@ -99,3 +99,15 @@ def test_compile_peers(tmp_path):
   runs = _results(out)["runs"]
   assert runs["peer_step_compile"]["result"]["compile"] and runs["peer_step_compile"]["result"]["pairs_per_s"] > 0
   assert runs["peer_sample_compile"]["result"]["images_per_s"] > 0
+
+
+def test_collect_reports_a_failed_profiler_and_rejects_bad_status_lines(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("collect", os.path.join(ROOT, "bench", "collect.py"))
+  collect = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(collect)
+  assert "the profiler failed: RuntimeError: no CUPTI" in "\n".join(
+      collect._profile_section("ours", {"error": "RuntimeError: no CUPTI"}))
+  (tmp_path / "status.tsv").write_text("ours_check\tok\t3\n")
+  with pytest.raises(ValueError, match=r"status.tsv:1: expected 4 tab-separated fields"):
+    collect.read_runs(str(tmp_path))
