@@ -9,8 +9,9 @@
 # Runs, most important first; each is skipped when it would not finish inside BUDGET_S (default 480 s for all),
 # and killed at the budget's end, so that what ran comes back:
 #   ours_diffusion_dpo (remat convs_and_dots_saveable, the sd15 default; with a profile), peer_step_eager
-#   (profile), ours_sample (profile), peer_sample_eager, ours_dpo_noremat (no remat), ours_check (bf16 vs float32 forward; cuDNN vs reference
-#   attention), ours_duo_lora, peer_step_compile, peer_sample_compile, ours_sc_dpo, gpu_tests (pytest tests/gpu).
+#   (profile), ours_sample (profile), peer_sample_eager, ours_dpo_noremat (no remat), ours_check (bf16 vs
+#   float32 forward; cuDNN vs reference attention), ours_duo_lora, peer_step_compile, peer_sample_compile,
+#   ours_sc_dpo, gpu_tests (pytest tests/gpu).
 # Output, three files (the device tool returns at most eight): results.json and table.md (bench/collect.py),
 # and runs.tar.gz (each run's JSON and log, status.tsv, gpu_tests.xml).
 #
