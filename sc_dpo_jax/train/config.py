@@ -47,8 +47,8 @@ def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
       ref_dtype="float32" if tiny else "bfloat16",   # storage of the frozen reference copy (full fine-tuning)
       attention="reference" if tiny else "cudnn",
       # Rematerialisation of each UNet block: a name of models.layers.REMAT_POLICIES or jax.checkpoint_policies,
-      # or "none". SD: keep conv/matmul outputs only (docs/performance.md: ~0.6 GB of activations per 512-px
-      # image instead of ~2 GB, for a recompute of norms and activations).
+      # or "none". SD: keep conv/matmul outputs only (docs/performance.md, predicted: 0.69 GB of activations per
+      # 512-px image instead of 2.21 GB, for a recompute of norms and activations in the backward).
       remat_policy=config_dict.placeholder(str) if tiny else config_dict.FieldReference(
           "convs_and_dots_saveable", field_type=str),
   ))
