@@ -96,7 +96,8 @@ def _categories(profile):
     return None
   shares = {}
   for row in profile.get("top", []):
-    shares[profiling.categorize(row["name"])] = shares.get(profiling.categorize(row["name"]), 0.0) + row["share"]
+    category = profiling.categorize(row["name"])
+    shares[category] = shares.get(category, 0.0) + row["share"]
   return shares
 
 

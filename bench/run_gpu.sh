@@ -30,11 +30,11 @@ ONLY="${ONLY:-}"
 SKIP="${SKIP:-}"
 read -r -a peer_step_flags <<<"${PEER_STEP_FLAGS:-}"
 if [ "$SMOKE" = 1 ]; then
-  ARCH=tiny STEPS="${STEPS:-1}" WARMUP="${WARMUP:-1}" SAMPLE_STEPS="${SAMPLE_STEPS:-2}" BATCH=4
+  ARCH=tiny STEPS="${STEPS:-1}" WARMUP="${WARMUP:-1}" SAMPLE_STEPS="${SAMPLE_STEPS:-2}" BATCH=4 SAMPLE_BATCHES=1
   BUDGET_S="${BUDGET_S:-1800}"
   CHECK_FLAGS=(--config.model.attention=xla --config.model.dtype=bfloat16 --check_rel_tol=0.05)
 else
-  ARCH=sd15 STEPS="${STEPS:-10}" WARMUP="${WARMUP:-3}" SAMPLE_STEPS="${SAMPLE_STEPS:-50}" BATCH=16
+  ARCH=sd15 STEPS="${STEPS:-10}" WARMUP="${WARMUP:-3}" SAMPLE_STEPS="${SAMPLE_STEPS:-50}" BATCH=16 SAMPLE_BATCHES=3
   BUDGET_S="${BUDGET_S:-480}"
   CHECK_FLAGS=()
 fi
@@ -97,8 +97,7 @@ run() {  # run NAME ESTIMATE_S COMMAND...: run it within the budget, log it, rec
 
 peer=("$PYTHON" bench/peer_torch.py --arch="$ARCH" --steps="$STEPS" --warmup="$WARMUP" --peak_tflops="$PEAK_TFLOPS")
 ours=("$PYTHON" -m sc_dpo_jax.bench --steps="$STEPS" --warmup="$WARMUP" --peak_tflops="$PEAK_TFLOPS")
-sample=(--mode=sample --batch="$BATCH" --sample_steps="$SAMPLE_STEPS" --steps=3 --warmup=1)
-[ "$SMOKE" = 1 ] && sample=(--mode=sample --batch="$BATCH" --sample_steps="$SAMPLE_STEPS" --steps=1 --warmup=1)
+sample=(--mode=sample --batch="$BATCH" --sample_steps="$SAMPLE_STEPS" --steps="$SAMPLE_BATCHES" --warmup=1)
 profile_dir="${TMPDIR:-/tmp}/sc_dpo_jax_profiles"
 
 # Estimates (s) are for one H100/H200 (host init of 860 M random parameters, AOT compile, warm-up, timing).

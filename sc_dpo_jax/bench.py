@@ -46,6 +46,7 @@ import zlib
 from absl import app, flags
 from ml_collections import config_flags
 
+from sc_dpo_jax import profiling
 from sc_dpo_jax.models.architectures import models_for, vae_for
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file of the DPO family.",
@@ -71,25 +72,20 @@ _CHECK_TOL = flags.DEFINE_float("check_rel_tol", 1e-2, "--mode=check: the larges
 flags.mark_flags_as_required(["config"])
 
 
-def _memory_analysis(compiled):
-  """XLA's buffer sizes of a compiled program in GB (None where the backend gives none)."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend implements it
-    return None
-  if m is None:
-    return None
-  fields = ("argument", "output", "alias", "temp", "generated_code")
-  out = {f: getattr(m, f"{f}_size_in_bytes", 0) / 1e9 for f in fields}
-  peak = getattr(m, "peak_memory_in_bytes", 0)
-  if peak:
-    out["peak"] = peak / 1e9
+def _add_memory_and_profile(out, compiled, profile):
+  """Adds XLA's memory analysis of ``compiled``, the device's peak memory (GPU/TPU) and the profile to ``out``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  out["compiled_memory_gb"] = profiling.compiled_memory_gb(compiled)
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
+  if profile:
+    out["profile"] = profile
   return out
 
 
 def _profile(fn, steps: int):
   """The kernel ranking of ``steps`` more calls of ``fn``; a profiler that fails costs the profile, not the run."""
-  from sc_dpo_jax import profiling  # pylint: disable=g-import-not-at-top
   try:
     summary = profiling.profile(fn, steps=steps, logdir=_PROFILE_DIR.value)
   except Exception as e:  # pylint: disable=broad-except  # e.g. no CUPTI: the timings above still stand
@@ -144,10 +140,7 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None, profile_steps: int
   t0 = time.time()
   compiled = step.jitted.lower(state, frozen, batch, rng).compile()
   compile_s = time.time() - t0
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  flops = float((analysis or {}).get("flops", 0.0)) or None
+  flops = profiling.compiled_flops(compiled)
   metrics = None
 
   def advance():   # the state is donated: each call consumes it and keeps the new one
@@ -170,19 +163,14 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None, profile_steps: int
       "batch_pairs": batch_size, "dtype": c.model.dtype, "attention": c.model.attention,
       "remat_policy": c.model.remat_policy, "compile_s": round(compile_s, 2), "host_init_s": round(init_s, 2),
       "step_s": step_s, "pairs_per_s": batch_size / step_s,
-      "loss": float(np.asarray(metrics["loss"])), "compiled_memory_gb": _memory_analysis(compiled),
+      "loss": float(np.asarray(metrics["loss"])),
   }
   if flops:
     out["tflop_per_step_per_device"] = flops / 1e12
     out["tflops_per_device"] = flops / step_s / 1e12
     if peak_tflops:
       out["mfu"] = out["tflops_per_device"] / peak_tflops
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    out["peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
-  if profile:
-    out["profile"] = profile
-  return out
+  return _add_memory_and_profile(out, compiled, profile)
 
 
 def run_sample(config, *, batch: int, sample_steps: int, guidance: float, steps: int, warmup: int,
@@ -248,14 +236,9 @@ def run_sample(config, *, batch: int, sample_steps: int, guidance: float, steps:
       "guidance": guidance, "unet_evals_per_step": 2 if use_guidance else 1, "dtype": c.model.dtype,
       "attention": c.model.attention, "image_shape": list(images.shape[1:]), "compile_s": round(compile_s, 2),
       "host_init_s": round(init_s, 2), "batch_s": batch_s, "images_per_s": batch / batch_s,
-      "finite": bool(np.isfinite(images).all()), "compiled_memory_gb": _memory_analysis(compiled),
+      "finite": bool(np.isfinite(images).all()),
   }
-  stats = jax.devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    out["peak_memory_gb"] = stats["peak_bytes_in_use"] / 1e9
-  if profile:
-    out["profile"] = profile
-  return out
+  return _add_memory_and_profile(out, compiled, profile)
 
 
 # bf16 keeps 8 mantissa bits (half an ulp is 2e-3 to 4e-3 near 0.5-1) and kernels sum in different orders:
@@ -316,8 +299,6 @@ def run_check(config, *, batch: int = 1, rel_tol: float = 1e-2, unet_path=None):
   with jax.default_matmul_precision("highest"):
     forward32 = jax.jit(unet32.apply).lower({"params": params}, x, t, text).compile()
     want = np.asarray(forward32({"params": params}, x, t, text), np.float64)
-  analysis = forward32.cost_analysis()
-  analysis = (analysis[0] if analysis else {}) if isinstance(analysis, (list, tuple)) else (analysis or {})
   got = np.asarray(jax.jit(unet.apply)({"params": params}, x, t, text), np.float64)
   relative = lambda a: float(np.linalg.norm(a - want) / np.linalg.norm(want))  # noqa: E731
   rel = relative(got)
@@ -331,7 +312,7 @@ def run_check(config, *, batch: int = 1, rel_tol: float = 1e-2, unet_path=None):
          "forward_finite": bool(np.isfinite(got).all()),
          "forward_rel_tol": rel_tol, "attention_checks": [],
          # XLA's count for the float32 forward (every op, attention products included), per image.
-         "forward_gflop_per_image_xla": float(analysis.get("flops", 0.0)) / batch / 1e9}
+         "forward_gflop_per_image_xla": (profiling.compiled_flops(forward32) or 0.0) / batch / 1e9}
   out["forward_ok"] = rel <= rel_tol and out["forward_finite"]
   if attention != "reference":
     compute = dtype if attention != "cudnn" or dtype != jnp.float32 else jnp.bfloat16

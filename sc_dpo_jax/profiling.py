@@ -10,6 +10,9 @@
 grouped into categories (matmul, convolution, attention, fusion, copy, collective, other) so that the benchmark
 can say what limits a step. Shares are of summed kernel time, which on a GPU is close to the step's wall time
 when the device is never idle (see ``busy_share``: kernel time over the profiled wall time).
+
+:func:`compiled_flops` and :func:`compiled_memory_gb` read XLA's own analyses of a compiled program (the
+trainer's TFLOP/s, the benchmark's figures).
 """
 from __future__ import annotations
 
@@ -47,6 +50,35 @@ def categorize(name: str) -> str:
     if re.search(pattern, lower):
       return category
   return "other"
+
+
+def compiled_flops(compiled) -> Optional[float]:
+  """FLOPs of a compiled program by XLA's cost analysis (per device); None where the backend gives none."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # cost analysis is best effort: not every backend has it
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  value = (analysis or {}).get("flops")
+  return float(value) if value and value > 0 else None
+
+
+def compiled_memory_gb(compiled) -> Optional[Dict[str, float]]:
+  """XLA's buffer sizes of a compiled program in GB (arguments, outputs, aliased = donated, temporaries,
+  code, and the peak where given); None where the backend gives none."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend implements it
+    return None
+  if m is None:
+    return None
+  out = {f: getattr(m, f"{f}_size_in_bytes", 0) / 1e9 for f in ("argument", "output", "alias", "temp",
+                                                                 "generated_code")}
+  peak = getattr(m, "peak_memory_in_bytes", 0)
+  if peak:
+    out["peak"] = peak / 1e9
+  return out
 
 
 def profile(fn: Callable[[], object], *, steps: int, logdir: str, top: int = 15) -> Dict:

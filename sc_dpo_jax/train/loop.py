@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sc_dpo_jax import images as images_lib
-from sc_dpo_jax import models, parallel
+from sc_dpo_jax import models, parallel, profiling
 from sc_dpo_jax.data import device as device_lib
 from sc_dpo_jax.data import latents as latents_lib
 from sc_dpo_jax.data import pipeline as data_pipeline
@@ -215,7 +215,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   t0 = time.time()
   compiled = step.jitted.lower(state, frozen, batch, rng).compile()
   compile_s = time.time() - t0
-  flops = _flops(compiled)
+  flops = profiling.compiled_flops(compiled)
   logging.info("step compiled in %.1f s; %s FLOP per step per device", compile_s, f"{flops:.3g}" if flops else "?")
 
   writer = metrics_lib.MetricsWriter(workdir)
@@ -305,17 +305,6 @@ def _finish(pending, counter: guard.NonFiniteCounter, window):
   host = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
   counter.update(index, host)
   window.append(host)
-
-
-def _flops(compiled) -> Optional[float]:
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # cost analysis is best effort: not every backend provides it
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  value = (analysis or {}).get("flops")
-  return float(value) if value and value > 0 else None
 
 
 def policy_unet_params(state, frozen):
