@@ -1,15 +1,22 @@
 """Entry point: ``python -m sc_dpo_jax.main --config=configs/<name>.py[:arg] --workdir=<dir> [--config.key=value]``.
 
 The config's ``job`` field picks what runs (``sc_dpo_jax.jobs.JOBS``); everything else about the run is in
-the config, which is written to ``<workdir>/config.json`` before the job starts.
+the config, which is written to ``<workdir>/config.json`` before the job starts. The workdir may be relative
+(made absolute once, here), absolute, or a bucket URI (``gs://bucket/run``: every file goes through
+``etils.epath``).
+
+Exit status: 0 when the run finished; ``128 + signal`` (143 for SIGTERM, 130 for SIGINT) when a signal stopped
+it after saving a checkpoint, so a scheduler can requeue it (rerunning the same command resumes); 1 with a
+one-paragraph message, no traceback, when the NaN guard stopped it or the workdir's checkpoint belongs to
+another run.
 """
 import json
-import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sc_dpo_jax import jobs
+from sc_dpo_jax import jobs, paths
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file (get_config).",
                                           lock_config=True)
@@ -20,19 +27,29 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = _CONFIG.value, paths.resolve(_WORKDIR.value)
   run = jobs.get(config.get("job", ""))
   from sc_dpo_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize()             # several processes: jax.distributed (cluster or SC_DPO_* env); else nothing
   import jax  # pylint: disable=g-import-not-at-top
-  os.makedirs(workdir, exist_ok=True)
+  from sc_dpo_jax.train import checkpoint, guard, harness  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths.write_text(workdir / "config.json", config.to_json_best_effort(indent=2))
   logging.info("job %s, workdir %s", config.job, workdir)
-  summary = run(config, workdir)
+  try:
+    summary = run(config, str(workdir))
+  except (guard.NonFiniteError, checkpoint.IncompatibleCheckpoint) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   if jax.process_index() == 0:
     print(json.dumps(summary, indent=2))
+  status = harness.exit_status(summary)
+  if status:
+    logging.warning("stopped by %s: exiting with status %d (rerun the same command to resume)",
+                    summary.get("stop_signal") or "a signal", status)
+    sys.exit(status)
 
 
 if __name__ == "__main__":

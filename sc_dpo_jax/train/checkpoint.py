@@ -1,31 +1,46 @@
 """Orbax checkpoints of a run: the train state, the rng, every process's data position, and the config.
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+    ckpt = Checkpointer(workdir / "checkpoints", keep=3)          # local (made absolute) or gs://
     ckpt.save(step, state=state, rng=rng, data_state=it.state(), config=config.to_dict())
     ...
-    restored = ckpt.restore_latest(abstract_state=abstract, abstract_rng=rng)     # None on a fresh start
-    if restored:
+    restored = ckpt.restore_latest(abstract_state=abstract, abstract_rng=rng, config=config.to_dict())
+    if restored:                                                     # None on a fresh start
       state, rng = restored.state, restored.rng
       it.restore(restored.data_state)
 
 One ``orbax.checkpoint.CheckpointManager`` (asynchronous saves, atomic: a checkpoint exists only once it is
 complete; the last ``keep`` are kept) with four items: ``state`` (the arrays, restored with the shardings of
-``abstract_state``, so a resumed run gets its state already sharded), ``rng``, ``data`` (JSON: the data
-iterator positions of all processes, gathered, each process restores its own) and ``config`` (JSON, for the
-record); and a fifth, optional one, ``extra`` (JSON: host-side state a trainer needs to resume exactly, e.g.
-the RL trainer's per-prompt reward buffers; every process must pass the same value). ``Restored.extra`` is
-None for a checkpoint saved without it.
+``abstract_state``, so a resumed run gets its state already sharded), ``rng`` (the key's data as a host numpy
+array, which Orbax writes from process 0 only: every process holds the same key, and a host-local jax.Array
+cannot be saved by several processes), ``data`` (JSON: the data iterator positions of all processes,
+gathered, each process restores its own) and ``config`` (JSON); and a fifth, optional one, ``extra`` (JSON:
+host-side state a trainer needs to resume exactly, e.g. the RL trainer's per-prompt reward buffers; every
+process must pass the same value). ``Restored.extra`` is None for a checkpoint saved without it.
+
+Restoring is guarded: a checkpoint saved with another method, model or LoRA setting (``SAME_RUN_KEYS`` of its
+config) is refused unless ``allow_changes``; a train state whose array names or shapes differ from the
+checkpoint's is refused with the first differences named; a checkpoint that cannot be read (corrupted files)
+is moved aside to ``<directory>.corrupt/<step>`` with a warning, and the previous one is restored.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from sc_dpo_jax import paths
 
 POSITION_KEYS = ("epoch", "ordinal", "batches", "records", "bad_records")
+ITEMS = ("state", "rng", "data", "config", "extra")
+# The config keys that make a checkpoint another run's: resuming across a change of these is refused.
+SAME_RUN_KEYS = ("job", "objective.method", "model.path", "model.tiny", "model.architecture", "lora.enabled",
+                 "lora.rank", "lora.alpha", "lora.targets", "rl.samples_per_prompt")
 
 
 @dataclasses.dataclass
@@ -68,13 +83,12 @@ def local_data_state(saved: Optional[Mapping[str, Any]]) -> Optional[Dict[str, A
 class Checkpointer:
   """Saves and restores runs in ``directory`` (see the module docstring)."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: paths.PathLike, *, keep: int = 3, async_save: bool = True):
     if keep < 1:
       raise ValueError(f"keep = {keep}: keep at least one checkpoint")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-    self.directory = directory
-    self.manager = ocp.CheckpointManager(directory, options=options,
-                                         item_names=("state", "rng", "data", "config", "extra"))
+    self.directory = paths.resolve(directory)      # Orbax needs absolute paths; gs:// stays as it is
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -88,7 +102,7 @@ class Checkpointer:
     data = gather_data_states(data_state)
     items = dict(
         state=ocp.args.StandardSave(state),
-        rng=ocp.args.StandardSave({"key": _key_data(rng)}),
+        rng=ocp.args.StandardSave({"key": _host_key(rng)}),
         data=ocp.args.JsonSave({"iterator": data}),
         config=ocp.args.JsonSave(dict(config)),
     )
@@ -98,12 +112,14 @@ class Checkpointer:
 
   def restore(self, step: int, *, abstract_state: Any, abstract_rng: Any) -> Restored:
     """Checkpoint ``step`` with the arrays laid out as ``abstract_state`` says (``jax.ShapeDtypeStruct`` s
-    with shardings, e.g. from ``jax.eval_shape`` plus the run's shardings); ``abstract_rng`` is any key of
-    the run's kind (its value is not used)."""
-    key = _key_data(abstract_rng)
+    with shardings, e.g. from ``jax.eval_shape`` plus the run's shardings, or numpy arrays for state that
+    process 0 saved from the host); ``abstract_rng`` is any key of the run's kind (its value is not used).
+    A state whose names or shapes differ from the checkpoint's raises :class:`IncompatibleCheckpoint`."""
+    self.check_structure(step, abstract_state)
+    key = _host_key(abstract_rng)
     items = dict(
         state=ocp.args.StandardRestore(abstract_state),
-        rng=ocp.args.StandardRestore({"key": jax.ShapeDtypeStruct(key.shape, key.dtype)}),
+        rng=ocp.args.StandardRestore({"key": np.zeros(key.shape, key.dtype)}),
         data=ocp.args.JsonRestore(),
         config=ocp.args.JsonRestore(),
     )
@@ -111,18 +127,85 @@ class Checkpointer:
     if has_extra:
       items["extra"] = ocp.args.JsonRestore()
     out = self.manager.restore(int(step), args=ocp.args.Composite(**items))
-    rng = out["rng"]["key"]
+    rng = jnp.asarray(out["rng"]["key"])
     if jax.dtypes.issubdtype(getattr(abstract_rng, "dtype", None), jax.dtypes.prng_key):
       rng = jax.random.wrap_key_data(rng)
     return Restored(step=int(step), state=out["state"], rng=rng,
                     data_state=local_data_state(out["data"]["iterator"]), config=dict(out["config"]),
                     extra=dict(out["extra"]) if has_extra else None)
 
-  def restore_latest(self, *, abstract_state: Any, abstract_rng: Any) -> Optional[Restored]:
-    step = self.latest_step()
-    if step is None:
-      return None
-    return self.restore(step, abstract_state=abstract_state, abstract_rng=abstract_rng)
+  def saved_config(self, step: int) -> Dict[str, Any]:
+    """The config saved with checkpoint ``step`` (JSON)."""
+    return dict(self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+
+  def check_structure(self, step: int, abstract_state: Any) -> None:
+    """Raises :class:`IncompatibleCheckpoint` naming the first arrays that the run's state and checkpoint
+    ``step`` do not share, or whose shapes differ (e.g. LoRA switched on, another rank, another model)."""
+    saved = _shapes(self.manager.item_metadata(int(step))["state"])
+    wanted = _shapes(abstract_state)
+    missing = sorted(set(wanted) - set(saved))
+    unexpected = sorted(set(saved) - set(wanted))
+    reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    if not (missing or unexpected or reshaped):
+      return
+    where = self.directory / str(step)
+    parts = []
+    if missing:
+      parts.append(f"{len(missing)} arrays of this run are not in it (first: {', '.join(missing[:3])})")
+    if unexpected:
+      parts.append(f"{len(unexpected)} of its arrays are not in this run (first: {', '.join(unexpected[:3])})")
+    if reshaped:
+      k = reshaped[0]
+      parts.append(f"{len(reshaped)} arrays changed shape (first: {k} {saved[k]} in the checkpoint, {wanted[k]} "
+                   f"now)")
+    raise IncompatibleCheckpoint(
+        f"checkpoint {where} does not hold this run's train state: {'; '.join(parts)}. It was saved by a run "
+        f"with another model, method or LoRA setting (compare its config with this one); resume with the "
+        f"config it was saved with, or start in a new workdir")
+
+  def restore_latest(self, *, abstract_state: Any, abstract_rng: Any, config: Optional[Mapping[str, Any]] = None,
+                     same_run_keys: Sequence[str] = SAME_RUN_KEYS,
+                     allow_changes: bool = False) -> Optional[Restored]:
+    """The newest intact checkpoint, or None on a fresh start.
+
+    With ``config`` (the run's config as a dict) the checkpoint's config must agree on ``same_run_keys``
+    (method, model, LoRA...), unless ``allow_changes``: :class:`IncompatibleCheckpoint` otherwise. A checkpoint
+    that cannot be read (a corrupted or truncated file) is moved to ``<directory>.corrupt/<step>``, with a
+    warning that says so, and the next older one is tried."""
+    steps = sorted(self.all_steps(), reverse=True)
+    if steps and config is not None:
+      check_same_run(self.saved_config_or_none(steps[0]), config, keys=same_run_keys, allow_changes=allow_changes,
+                     where=self.directory / str(steps[0]))
+    for step in steps:
+      try:
+        return self.restore(step, abstract_state=abstract_state, abstract_rng=abstract_rng)
+      except IncompatibleCheckpoint:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax, TensorStore and the JSON reader raise many kinds; any failure to read a checkpoint that has
+        # the right structure means the files are damaged.
+        self._set_aside(step, e)
+    return None
+
+  def saved_config_or_none(self, step: int) -> Optional[Dict[str, Any]]:
+    try:
+      return self.saved_config(step)
+    except Exception:  # pylint: disable=broad-except
+      return None      # unreadable: restore_latest sets the checkpoint aside and says why
+
+  def _set_aside(self, step: int, error: BaseException) -> None:
+    source = self.directory / str(step)
+    target = epath.Path(f"{self.directory}.corrupt") / str(step)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      if target.exists():
+        target.rmtree()
+      source.rename(target)
+    _barrier(f"set aside checkpoint {step}")
+    self.manager.reload()
+    logging.warning("checkpoint %s cannot be read (%s: %s); moved it to %s and trying the previous one",
+                    source, type(error).__name__, first_line, target)
 
   def wait(self) -> None:
     """Blocks until the pending asynchronous save is on disk."""
@@ -133,7 +216,66 @@ class Checkpointer:
     self.manager.close()
 
 
-def _key_data(rng):
+def check_same_run(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any], *, keys: Sequence[str],
+                   allow_changes: bool, where: Any) -> None:
+  """Refuses (:class:`IncompatibleCheckpoint`) to resume from a checkpoint whose config differs from
+  ``current`` in one of ``keys`` (dotted), unless ``allow_changes``, which logs the differences instead."""
+  if saved is None:
+    return
+  changed = []
+  for key in keys:
+    old, new = _lookup(saved, key), _lookup(current, key)
+    if old is not _MISSING and new is not _MISSING and old != new:
+      changed.append((key, old, new))
+  if not changed:
+    return
+  listing = "; ".join(f"{k} = {o!r} in the checkpoint, {n!r} now" for k, o, n in changed)
+  if allow_changes:
+    logging.warning("resuming %s although the config changed (train.allow_config_change): %s", where, listing)
+    return
+  raise IncompatibleCheckpoint(
+      f"the workdir's checkpoint {where} belongs to another run: {listing}. Use a new workdir, or set "
+      f"--config.train.allow_config_change=True to continue it with the new values")
+
+
+class IncompatibleCheckpoint(ValueError):
+  """The checkpoint belongs to another run (other method, model or train-state structure)."""
+
+
+_MISSING = object()
+
+
+def _lookup(config: Mapping[str, Any], dotted: str) -> Any:
+  node: Any = config
+  for part in dotted.split("."):
+    if not isinstance(node, Mapping) or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+def _shapes(tree: Any) -> Dict[str, tuple]:
+  """``{"params.down_blocks_0....kernel": shape}`` of a state, an abstract state or Orbax's tree metadata."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+  return {".".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ())) for path, leaf in leaves}
+
+
+def _key_name(key) -> str:
+  for attr in ("name", "key", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _host_key(rng) -> np.ndarray:
+  """The key's data as a host numpy array: Orbax writes numpy arrays from process 0 only, so a key every
+  process holds alike (a host-local array) is saved once instead of refused in a multi-process run."""
   if jax.dtypes.issubdtype(getattr(rng, "dtype", None), jax.dtypes.prng_key):
-    return jax.random.key_data(rng)
-  return rng
+    rng = jax.random.key_data(rng)
+  return np.asarray(rng)

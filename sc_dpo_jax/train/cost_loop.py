@@ -76,9 +76,8 @@ from sc_dpo_jax.data import records, schema, synthetic
 from sc_dpo_jax.models import CLIPVisionModel, load_clip_vision, save_clip_vision, tiny_vision_config
 from sc_dpo_jax.models.random_init import host_random_params
 from sc_dpo_jax.rewards import cost_model as cost_lib
-from sc_dpo_jax.train import checkpoint as checkpoint_lib
-from sc_dpo_jax.train import guard, optim
-from sc_dpo_jax.train import metrics as metrics_lib
+from sc_dpo_jax import paths
+from sc_dpo_jax.train import guard, harness, optim
 from sc_dpo_jax.train.preemption import StopSignal
 
 VARIANTS = ("tiny", "sd15")
@@ -152,6 +151,7 @@ def cost_model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       checkpoint_every=100 if tiny else 500,
       keep_checkpoints=3,
       async_checkpoints=True,
+      allow_config_change=False,   # resume a checkpoint saved with another method/model/LoRA
       max_nonfinite_in_a_row=5,
       export=True,                           # <workdir>/export: save_cost_model
       progress=True,
@@ -579,19 +579,18 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   alpha = float(c.loss.alpha)
 
   # Resume.
-  config_json = json.loads(c.to_json_best_effort())
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(c.train.keep_checkpoints),
-                                     async_save=bool(c.train.async_checkpoints))
+  config_json = harness.config_dict(c)
+  ckpt = harness.open_checkpoints(c, workdir)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
   latest = ckpt.latest_step()
   if latest is not None:
-    restored = ckpt.restore(latest, abstract_state=abstract, abstract_rng=rng)
-    check_resume_config(restored.config, config_json, ckpt.directory)
+    check_resume_config(ckpt.saved_config(latest), config_json, ckpt.directory)
+  restored = harness.resume(ckpt, c, abstract_state=abstract, rng=rng)
+  if restored is not None:
     state, rng = restored.state, restored.rng
-    logging.info("resumed from step %d (%s)", restored.step, ckpt.directory)
   start_step = int(state.step)
 
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = harness.open_metrics(c, workdir, start_step)
   counter = guard.NonFiniteCounter(int(c.train.max_nonfinite_in_a_row))
   steps = int(c.train.steps)
   summary: Dict[str, Any] = {
@@ -612,7 +611,7 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   last_train: Dict[str, float] = {}
   stopped_by_signal = False
   bar = tqdm(total=steps, initial=min(start_step, steps), desc="cost_model", disable=not progress, unit="step")
-  with StopSignal() as stop:
+  with StopSignal() as stop, harness.saves_finished(ckpt, writer):
     step_index = start_step
     while step_index < steps:
       state, metrics = step_fn(state, None, batches(step_index), rng)
@@ -621,8 +620,9 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
       window_steps += 1
       bar.update(1)
       last = step_index == steps
+      stopped_by_signal = stop.requested(step_index)
       record: Dict[str, Any] = {}
-      if step_index % int(c.train.log_every) == 0 or last:
+      if step_index % int(c.train.log_every) == 0 or last or stopped_by_signal:     # a stop keeps its window
         host = _drain(window, counter)
         elapsed = time.time() - window_start
         last_train = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -637,8 +637,6 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
         record.update(last_eval)
       if record:
         writer.write(step_index, record)
-      if stop.requested(step_index):
-        stopped_by_signal = True
       if step_index % int(c.train.checkpoint_every) == 0 or last or stopped_by_signal:
         ckpt.save(step_index, state=state, rng=rng, data_state=None, config=config_json)
       if stopped_by_signal:
@@ -647,7 +645,7 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
     _drain(window, counter)
   bar.close()
   ckpt.close()
-  summary.update({"final_step": int(state.step), "stopped_by_signal": stopped_by_signal,
+  summary.update({"final_step": int(state.step), "stopped_by_signal": stopped_by_signal, **harness.stop_fields(stop),
                   "skipped_updates": counter.total, "train_final": last_train})
   if eval_data is not None:
     summary["eval_final"] = last_eval
@@ -657,8 +655,7 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
     summary["export"] = os.path.abspath(folder)
   writer.close()
   summary["wall_s"] = round(time.time() - t_start, 2)
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  paths.write_json(paths.resolve(workdir) / "summary.json", summary)
   return summary
 
 

@@ -28,8 +28,6 @@ Returns a summary dict (also ``<workdir>/summary.json``).
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Any, Dict
 
@@ -41,15 +39,13 @@ from absl import logging
 from tqdm import tqdm
 
 from sc_dpo_jax import images as images_lib
-from sc_dpo_jax import models, parallel, profiling
+from sc_dpo_jax import models, parallel, paths, profiling
 from sc_dpo_jax.data import device as device_lib
 from sc_dpo_jax.data import latents as latents_lib
 from sc_dpo_jax.data import pipeline as data_pipeline
 from sc_dpo_jax.data import records, schema, synthetic
 from sc_dpo_jax.models import lora as lora_lib
-from sc_dpo_jax.train import checkpoint as checkpoint_lib
-from sc_dpo_jax.train import dpo_steps, guard, optim
-from sc_dpo_jax.train import metrics as metrics_lib
+from sc_dpo_jax.train import dpo_steps, guard, harness, optim
 from sc_dpo_jax.train.preemption import StopSignal
 
 
@@ -59,11 +55,16 @@ from sc_dpo_jax.train.preemption import StopSignal
 def load_models(config: ml_collections.ConfigDict, workdir: str) -> models.StableDiffusion:
   """The pipeline the run starts from (see the module docstring)."""
   dtype = jnp.dtype(config.model.dtype)
+  if config.model.tiny and config.model.path:
+    raise ValueError(f"config.model.tiny = True (a :tiny variant: a random tiny model) and config.model.path = "
+                     f"{config.model.path!r} are both set, and a tiny run would ignore the path. To train that "
+                     f"model use a full-size variant (e.g. configs/diffusion_dpo.py:sd15) with --config.model.path, "
+                     f"or keep the tiny variant's other settings and add --config.model.tiny=False")
   if config.model.tiny:
     from sc_dpo_jax.models import tiny  # pylint: disable=g-import-not-at-top
     pipe = tiny.tiny_pipeline(config.seed, dtype=dtype)
-    folder = os.path.join(workdir, "base_model")
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(folder, "model_index.json")):
+    folder = paths.resolve(workdir) / "base_model"
+    if jax.process_index() == 0 and not (folder / "model_index.json").exists():
       models.save_pipeline(folder, pipe)
   else:
     if not config.model.path:
@@ -72,8 +73,8 @@ def load_models(config: ml_collections.ConfigDict, workdir: str) -> models.Stabl
     pipe = models.load_pipeline(config.model.path, dtype=dtype, attention=config.model.attention)
   if config.model.remat_policy:
     pipe.unet = pipe.unet.clone(remat_policy=config.model.remat_policy)
-  if config.model.attention != pipe.unet.attention:
-    pipe.unet = pipe.unet.clone(attention=config.model.attention)
+  if config.model.tiny:  # load_pipeline resolved and checked a loaded model's attention (models.attention.resolve)
+    pipe.unet = models.unet_with_attention(pipe.unet, config.model.attention)
   return pipe
 
 
@@ -87,7 +88,7 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_pip
   if d.train:
     source = records.open_source(d.train, split=d.split)
   elif config.model.tiny:
-    folder = os.path.join(workdir, "data", "synthetic_pairs")
+    folder = str(paths.resolve(workdir) / "data" / "synthetic_pairs")
     if jax.process_index() == 0:
       synthetic.write_synthetic_pairs(folder, num_pairs=int(d.synthetic_pairs), resolution=pipe.default_size,
                                       seed=config.seed)
@@ -165,6 +166,7 @@ def make_train_step(pipe, spec, objective):
 def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   t_start = time.time()
   c = config
+  workdir = paths.resolve(workdir)
   objective = dpo_steps.resolve_config(c.objective)
   mesh = parallel.make_mesh(c.mesh.to_dict())
   logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
@@ -197,17 +199,15 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   step = parallel.make_sharded_step(make_train_step(pipe, spec, objective), shardings)
 
   # Resume.
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(c.train.keep_checkpoints),
-                                     async_save=bool(c.train.async_checkpoints))
+  ckpt = harness.open_checkpoints(c, workdir)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings.state)
-  restored = ckpt.restore_latest(abstract_state=abstract, abstract_rng=rng)
+  restored = harness.resume(ckpt, c, abstract_state=abstract, rng=rng)
   if restored is not None:
     state, rng = restored.state, restored.rng
     if restored.data_state is not None:
       it.restore(restored.data_state)
-    logging.info("resumed from step %d (%s)", restored.step, ckpt.directory)
   start_step = int(state.step)
-  config_json = json.loads(c.to_json_best_effort())
+  config_json = harness.config_dict(c)
 
   # Compile ahead of time, once.
   first = next(it)
@@ -218,11 +218,11 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   flops = profiling.compiled_flops(compiled)
   logging.info("step compiled in %.1f s; %s FLOP per step per device", compile_s, f"{flops:.3g}" if flops else "?")
 
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = harness.open_metrics(c, workdir, start_step)
   counter = guard.NonFiniteCounter(int(c.train.max_nonfinite_in_a_row))
   inject = set(int(s) for s in c.train.inject_nonfinite_at)
   steps = int(c.train.steps)
-  summary: Dict[str, Any] = {"workdir": os.path.abspath(workdir), "method": objective.method,
+  summary: Dict[str, Any] = {"workdir": str(workdir), "method": objective.method,
                              "start_step": start_step, "compile_s": round(compile_s, 2)}
   window = []
   window_start = time.time()
@@ -230,7 +230,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   stopped_by_signal = False
   bar = tqdm(total=steps, initial=start_step, desc=objective.method, disable=not c.train.progress or
              jax.process_index() != 0, unit="step")
-  with StopSignal() as stop:
+  with StopSignal() as stop, harness.saves_finished(ckpt, writer):
     pending = None       # the previous step's metrics, read one step late so dispatch runs ahead
     step_index = start_step
     host_batch = first
@@ -244,7 +244,8 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
       window_steps += 1
       bar.update(1)
       last = step_index == steps
-      if step_index % int(c.train.log_every) == 0 or last:
+      stopped_by_signal = stop.requested(step_index)
+      if step_index % int(c.train.log_every) == 0 or last or stopped_by_signal:     # a stop keeps its window
         _finish(pending, counter, window)
         pending = None
         elapsed = time.time() - window_start
@@ -257,9 +258,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
         bar.set_postfix(loss=f"{means.get('loss', float('nan')):.4f}", pairs_s=f"{means['pairs_per_s']:.1f}")
         window, window_start, window_steps = [], time.time(), 0
       if c.train.sample_every and step_index % int(c.train.sample_every) == 0 and not last:
-        sample_grid(pipe, state, frozen, c, workdir, step_index)
-      if stop.requested(step_index):
-        stopped_by_signal = True
+        sample_grid(pipe, state, frozen, c, workdir, step_index, writer=writer)
       if step_index % int(c.train.checkpoint_every) == 0 or last or stopped_by_signal:
         ckpt.save(step_index, state=state, rng=rng, data_state=it.state(), config=config_json)
       if stopped_by_signal:
@@ -271,7 +270,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
       _finish(pending, counter, window)
   bar.close()
   ckpt.wait()
-  summary.update({"final_step": step_index, "stopped_by_signal": stopped_by_signal,
+  summary.update({"final_step": step_index, "stopped_by_signal": stopped_by_signal, **harness.stop_fields(stop),
                   "skipped_updates": counter.total, "bad_records": it.bad_records})
   return finish_run(pipe, state, frozen, c, workdir, step_index, ckpt=ckpt, writer=writer, summary=summary,
                     t_start=t_start, stopped_by_signal=stopped_by_signal)
@@ -280,16 +279,16 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
 def finish_run(pipe, state, frozen, config, workdir, step, *, ckpt, writer, summary, t_start, stopped_by_signal):
   """The end every trainer shares: unless a signal stopped the run, the last sample grid and the export; then
   close the checkpointer and the metrics, and write ``summary.json`` (process 0)."""
+  workdir = paths.resolve(workdir)
   if not stopped_by_signal:
-    sample_grid(pipe, state, frozen, config, workdir, step)
+    sample_grid(pipe, state, frozen, config, workdir, step, writer=writer)
     if config.train.export:
-      summary["export"] = export_pipeline(pipe, state, frozen, os.path.join(workdir, "export"))
+      summary["export"] = export_pipeline(pipe, state, frozen, workdir / "export")
   ckpt.close()
   writer.close()
   summary["wall_s"] = round(time.time() - t_start, 2)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    paths.write_json(workdir / "summary.json", summary)
   return summary
 
 
@@ -314,9 +313,9 @@ def policy_unet_params(state, frozen):
   return state.params
 
 
-def sample_grid(pipe, state, frozen, config, workdir, step_index):
+def sample_grid(pipe, state, frozen, config, workdir, step_index, writer=None):
   """``<workdir>/samples/step_NNNNNN.png``: the policy's images of ``train.eval_prompts`` (fixed seed, so grids
-  of successive steps show what training changed)."""
+  of successive steps show what training changed); also TensorBoard's image tab when ``writer`` is given."""
   prompts = list(config.train.eval_prompts)
   if not prompts:
     return
@@ -326,11 +325,13 @@ def sample_grid(pipe, state, frozen, config, workdir, step_index):
   images = sampler.generate(prompts, seed=config.seed, steps=int(config.train.sample_steps),
                             guidance=float(config.train.sample_guidance), progress=False)
   if jax.process_index() == 0:
-    images_lib.save_png(os.path.join(workdir, "samples", f"step_{step_index:06d}.png"),
-                        images_lib.make_grid(images, columns=len(prompts)))
+    grid = images_lib.make_grid(images, columns=len(prompts))
+    paths.write_bytes(paths.resolve(workdir) / "samples" / f"step_{step_index:06d}.png", images_lib.encode_png(grid))
+    if writer is not None:
+      writer.write_images(step_index, {"samples": grid})
 
 
-def export_pipeline(pipe, state, frozen, folder: str) -> str:
+def export_pipeline(pipe, state, frozen, folder: paths.PathLike) -> str:
   """Writes the aligned pipeline (LoRA merged) as a diffusers folder; returns its path."""
   params = jax.device_get(policy_unet_params(state, frozen))
   if jax.process_index() == 0:
@@ -339,4 +340,4 @@ def export_pipeline(pipe, state, frozen, folder: str) -> str:
                                  params=dict(pipe.params, unet=params), scheduler_class=pipe.scheduler_class)
     models.save_pipeline(folder, out)
   barrier("export")
-  return os.path.abspath(folder)
+  return str(paths.resolve(folder))

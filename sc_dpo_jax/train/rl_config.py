@@ -116,6 +116,7 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       checkpoint_every=2 if tiny else 10,    # in iterations
       keep_checkpoints=3,
       async_checkpoints=True,
+      allow_config_change=False,   # resume a checkpoint saved with another method/model/LoRA
       sample_every=0 if tiny else 10,        # sample grids of eval_prompts (0: only at the end)
       eval_prompts=EVAL_PROMPTS if tiny else ("a photo of a woman on a beach", "a portrait of a man"),
       sample_steps=10 if tiny else 30,

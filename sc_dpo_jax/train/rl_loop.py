@@ -51,7 +51,6 @@ Returns a summary dict (also ``<workdir>/summary.json``). Checkpoint and metric 
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, Callable, Dict, List, Sequence, Tuple
@@ -76,9 +75,7 @@ from sc_dpo_jax.rewards.base import RewardFn, WeightedSum
 from sc_dpo_jax.rewards.clip_score import ClipScore
 from sc_dpo_jax.rewards.cost_model import CostAdapter, CostReward, SafetyCostModel, load_cost_model
 from sc_dpo_jax.rewards.nudenet import NudityReward
-from sc_dpo_jax.train import checkpoint as checkpoint_lib
-from sc_dpo_jax.train import ddpo, dpo_steps, guard, optim
-from sc_dpo_jax.train import metrics as metrics_lib
+from sc_dpo_jax.train import ddpo, dpo_steps, guard, harness, optim
 from sc_dpo_jax.train import state as state_lib
 from sc_dpo_jax.train.advantages import PerPromptAdvantages
 from sc_dpo_jax.train.loop import barrier, finish_run, load_models, sample_grid
@@ -425,9 +422,8 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   update_step = parallel.make_sharded_step(make_update_step(pipe, ddpo_cfg), shardings, batch_sharding=update_batch_sh)
 
   # Resume.
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(c.train.keep_checkpoints),
-                                     async_save=bool(c.train.async_checkpoints))
-  restored = ckpt.restore_latest(abstract_state=_abstract(state, shardings.state), abstract_rng=rng)
+  ckpt = harness.open_checkpoints(c, workdir)
+  restored = harness.resume(ckpt, c, abstract_state=_abstract(state, shardings.state), rng=rng)
   start = 0
   resumed: Dict[str, Any] = {}
   if restored is not None:
@@ -441,7 +437,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     resumed = {"iteration": start, "optimizer_steps": int(state.step), **tracker.stats(),
                "buffered_rewards": sum(len(v) for v in restored.extra[EXTRA_ADVANTAGES]["buffers"].values())}
     logging.info("resumed from iteration %d (%s): %s", start, ckpt.directory, resumed)
-  config_json = json.loads(c.to_json_best_effort())
+  config_json = harness.config_dict(c)
 
   # Compile both programs ahead of time, once.
   first = next(it)
@@ -464,10 +460,10 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   compile_s = time.time() - t0
   logging.info("sampler and update compiled in %.1f s", compile_s)
 
-  writer = metrics_lib.MetricsWriter(workdir)
+  writer = harness.open_metrics(c, workdir, start)
   counter = guard.NonFiniteCounter(int(c.train.max_nonfinite_in_a_row))
   iterations = int(c.train.iterations)
-  summary: Dict[str, Any] = {"workdir": os.path.abspath(workdir), "method": METHOD, "start_iteration": start,
+  summary: Dict[str, Any] = {"workdir": str(workdir), "method": METHOD, "start_iteration": start,
                              "reward": {n: w for n, (w, _) in reward_fn.parts.items()},
                              "compile_s": round(compile_s, 2)}
   if resumed:
@@ -477,7 +473,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   bar = tqdm(total=iterations, initial=start, desc="rl", disable=not c.train.progress or jax.process_index() != 0,
              unit="it")
   process = jax.process_index()
-  with StopSignal() as stop:
+  with StopSignal() as stop, harness.saves_finished(ckpt, writer):
     iteration = start
     host = first
     while iteration < iterations:
@@ -523,16 +519,15 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       iteration += 1
       bar.update(1)
       last = iteration == iterations
-      if iteration % int(c.train.log_every) == 0 or last:
+      stopped_by_signal = stop.requested(iteration)
+      if iteration % int(c.train.log_every) == 0 or last or stopped_by_signal:     # a stop keeps its window
         logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
         logged.update({"optimizer_steps": int(state.step), "skipped_updates_total": counter.total, **it.metrics()})
         writer.write(iteration, logged)
         bar.set_postfix(reward=f"{logged['reward_mean']:.4f}", images_s=f"{logged['images_per_s']:.1f}")
         window = []
       if c.train.sample_every and iteration % int(c.train.sample_every) == 0 and not last:
-        sample_grid(pipe, state, frozen, c, workdir, iteration)
-      if stop.requested(iteration):
-        stopped_by_signal = True
+        sample_grid(pipe, state, frozen, c, workdir, iteration, writer=writer)
       if iteration % int(c.train.checkpoint_every) == 0 or last or stopped_by_signal:
         ckpt.save(iteration, state=state, rng=rng, data_state=it.state(), config=config_json,
                   extra={EXTRA_ADVANTAGES: tracker.state_dict()})
@@ -544,7 +539,8 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   bar.close()
   ckpt.wait()
   summary.update({"final_iteration": iteration, "optimizer_steps": int(state.step),
-                  "stopped_by_signal": stopped_by_signal, "skipped_updates": counter.total,
+                  "stopped_by_signal": stopped_by_signal, **harness.stop_fields(stop),
+                  "skipped_updates": counter.total,
                   "bad_records": it.bad_records, "advantages": tracker.stats()})
   return finish_run(pipe, state, frozen, c, workdir, iteration, ckpt=ckpt, writer=writer, summary=summary,
                     t_start=t_start, stopped_by_signal=stopped_by_signal)
