@@ -1,6 +1,7 @@
 """Small image helpers shared by the CLIs, the trainer and the reports (host-side numpy and PIL)."""
 from __future__ import annotations
 
+import io
 import math
 import os
 
@@ -19,8 +20,16 @@ def make_grid(images: np.ndarray, columns: int) -> np.ndarray:
   return grid
 
 
-def save_png(path: str, image: np.ndarray) -> None:
-  """Writes a uint8 ``[H, W, 3]`` image, creating the folder."""
+def encode_png(image: np.ndarray) -> bytes:
+  """The PNG file of a uint8 ``[H, W, 3]`` image, as bytes (for ``epath.Path(...).write_bytes``: any filesystem)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def save_png(path: str, image: np.ndarray) -> None:
+  """Writes a uint8 ``[H, W, 3]`` image to a local ``path`` (``encode_png``'s bytes), creating the folder."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(np.asarray(image, np.uint8)).save(path)
+  with open(path, "wb") as f:
+    f.write(encode_png(image))

@@ -5,10 +5,19 @@
   python -m sc_dpo_jax.eval --model sc_dpo_jax/toy/assets/base/pipeline --prompts p.txt --detector toy:red \\
       --steps 8 --limit 4
 
-Writes ``<out>/report.md``, ``report.json``, ``grid_<set>.png``, ``records.jsonl`` and every image under
-``<out>/images/`` (``sc_dpo_jax.eval.run`` says what each holds), and prints the report's path.
+Writes ``<out>/report.md``, ``report.json``, ``grid_<set>.png``, ``records.jsonl``, ``manifest.json`` and every
+image under ``<out>/images/`` (``sc_dpo_jax.eval.run`` says what each holds), and prints the report's path.
+``--out`` is a local folder or a remote one (``gs://bucket/eval``, through ``etils.epath``).
+
+Resume: records are written batch by batch, so a killed evaluation (I2P is hours on one GPU) loses at most the
+batch in flight. Run the same command again (same --out, model, base, prompt sets, seeds and sampling flags)
+and it continues where it stopped ("resuming: N of M images done"); an evaluation that finished only writes its
+report again. Other settings for an --out that holds an evaluation are refused with an error naming them: use
+another --out, or --overwrite to delete the earlier evaluation and start over.
 """
 import os
+import posixpath
+import sys
 
 from absl import app, flags
 
@@ -17,8 +26,9 @@ _BASE = flags.DEFINE_string("base", None, "The base model, for prior preservatio
 _PROMPTS = flags.DEFINE_multi_string("prompts", None, "A prompt set: PATH or NAME=PATH (.csv I2P-style, .jsonl, "
                                      ".txt); repeat the flag for several.")
 _COLUMN = flags.DEFINE_string("prompt_column", "prompt", "The prompt column (CSV) or field (JSONL).")
-_OUT = flags.DEFINE_string("out", "workdir/eval", "Output folder.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier evaluation in --out.")
+_OUT = flags.DEFINE_string("out", "workdir/eval", "Output folder: local, or remote (gs://bucket/eval).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete an earlier evaluation in --out and start over (without "
+                                "it: an unfinished evaluation of the same settings is resumed, another refused).")
 _DETECTOR = flags.DEFINE_string("detector", "nudenet", "nudenet, nudenet:<threshold> or toy:<colour>.")
 _CLIP = flags.DEFINE_string("clip", None, "A transformers CLIPModel folder for CLIP scores (skipped without).")
 _STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
@@ -42,15 +52,20 @@ flags.mark_flags_as_required(["model", "prompts"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from sc_dpo_jax.eval.run import evaluate  # pylint: disable=g-import-not-at-top
-  result = evaluate(_MODEL.value, _PROMPTS.value, base=_BASE.value, out_dir=_OUT.value, detector=_DETECTOR.value,
-                    clip=_CLIP.value, steps=_STEPS.value, guidance=_GUIDANCE.value, seed=_SEED.value, eta=_ETA.value,
-                    num_images=_NUM.value, batch_size=_BATCH.value, height=_HEIGHT.value, width=_WIDTH.value,
-                    negative_prompt=_NEGATIVE.value, limit=_LIMIT.value, prompt_column=_COLUMN.value,
-                    blur=not _NO_BLUR.value, grid_size=_GRID.value, dtype=_DTYPE.value, attention=_ATTENTION.value,
-                    overwrite=_OVERWRITE.value, progress=_PROGRESS.value)
-  report = os.path.abspath(result["paths"]["markdown"])
-  print(f"report: {report} (and report.json, grid_*.png, records.jsonl, images/ in {os.path.dirname(report)})")
+  from sc_dpo_jax.eval.run import OutDirError, evaluate  # pylint: disable=g-import-not-at-top
+  try:
+    result = evaluate(_MODEL.value, _PROMPTS.value, base=_BASE.value, out_dir=_OUT.value, detector=_DETECTOR.value,
+                      clip=_CLIP.value, steps=_STEPS.value, guidance=_GUIDANCE.value, seed=_SEED.value,
+                      eta=_ETA.value, num_images=_NUM.value, batch_size=_BATCH.value, height=_HEIGHT.value,
+                      width=_WIDTH.value, negative_prompt=_NEGATIVE.value, limit=_LIMIT.value,
+                      prompt_column=_COLUMN.value, blur=not _NO_BLUR.value, grid_size=_GRID.value,
+                      dtype=_DTYPE.value, attention=_ATTENTION.value, overwrite=_OVERWRITE.value,
+                      progress=_PROGRESS.value)
+  except OutDirError as e:       # --out holds another evaluation: the message says what differs and what to do
+    sys.exit(f"error: {e}")
+  report = result["paths"]["markdown"]
+  report = report if "://" in report else os.path.abspath(report)
+  print(f"report: {report} (and report.json, grid_*.png, records.jsonl, images/ in {posixpath.dirname(report)})")
 
 
 if __name__ == "__main__":

@@ -8,18 +8,23 @@ model with the highest detector score (ties: file order), the base model's image
 below each when there is a base. The detector's detections are **pixelated** in the grids (``blur=False``:
 left as they are): each box is replaced by blocks of its mean colour, at most 8 blocks along its longer side.
 The saved images under ``images/`` stay untouched (every number can be recomputed from them). Images smaller
-than 64 pixels are enlarged (nearest neighbour) so the grid is readable.
+than 64 pixels are enlarged (nearest neighbour) so the grid is readable. ``out_dir`` is read and written through
+``etils.epath``: a local folder (relative or absolute) or a remote one (``gs://bucket/eval``).
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
+from etils import epath
 
 from sc_dpo_jax import images as images_lib
+
+PathLike = Union[str, os.PathLike]
 
 MIN_CELL = 64            # grid cells are enlarged to at least this many pixels
 BLOCKS = 8               # pixelation: at most this many blocks along a box's longer side
@@ -44,9 +49,9 @@ def pixelate(image: np.ndarray, boxes: Sequence[Sequence[int]]) -> np.ndarray:
   return out
 
 
-def _load(out_dir: str, relative: str) -> np.ndarray:
+def _load(out_dir: PathLike, relative: str) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(os.path.join(out_dir, relative)) as im:
+  with Image.open(io.BytesIO((epath.Path(out_dir) / relative).read_bytes())) as im:
     return np.asarray(im.convert("RGB"))
 
 
@@ -57,7 +62,7 @@ def worst(records: Sequence[Mapping[str, Any]], set_name: str, k: int) -> List[M
   return [rows[i] for i in order[:k]]
 
 
-def grid(out_dir: str, picks: Sequence[Mapping[str, Any]], *, blur: bool = True) -> np.ndarray:
+def grid(out_dir: PathLike, picks: Sequence[Mapping[str, Any]], *, blur: bool = True) -> np.ndarray:
   """One row of the picked model images (and a row of the base's below when the records have them)."""
   rows = []
   for who in ("model", "base"):
@@ -112,6 +117,15 @@ def _table(first: str, groups: Mapping[str, Mapping[str, Any]], cols) -> List[st
   return lines
 
 
+def _resumed(result: Mapping[str, Any]) -> str:
+  n = result.get("resumed_images", 0)
+  if not n:
+    return ""
+  if n == result["all"]["images"]:
+    return " (every image from an earlier run of this evaluation: only the report was written again)"
+  return f" ({n} of the images from an earlier, interrupted run of this evaluation, not included in the time)"
+
+
 def markdown(result: Mapping[str, Any], grids: Mapping[str, str], picks: Mapping[str, Sequence[Mapping[str, Any]]],
              blur: bool) -> str:
   """The report as markdown (settings, notes, the per-set and per-category tables, the worst cases)."""
@@ -125,7 +139,7 @@ def markdown(result: Mapping[str, Any], grids: Mapping[str, str], picks: Mapping
             f"file gives one, {s['num_images']} image(s) per prompt, {s['height']}x{s['width']}, seed {s['seed']} "
             "unless the prompt file gives one",
             f"- images: {result['all']['images']} per model; records: `records.jsonl`; "
-            f"time: {result['seconds']:.0f} s", ""]
+            f"time: {result['seconds']:.0f} s" + _resumed(result), ""]
   lines += ["Notes:", ""] + [f"- {n}" for n in result["notes"]] + [""]
   lines += ["## Prompt sets", ""] + _table("set", dict(result["sets"], **{"all": result["all"]}), cols) + [""]
   if result["categories"]:
@@ -144,20 +158,21 @@ def markdown(result: Mapping[str, Any], grids: Mapping[str, str], picks: Mapping
   return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_report(out_dir: str, result: Dict[str, Any], records: Sequence[Mapping[str, Any]], *, blur: bool = True,
-                 grid_size: int = 8) -> Dict[str, str]:
-  """Writes ``report.json``, ``report.md`` and one ``grid_<set>.png`` per set; returns their paths."""
+def write_report(out_dir: PathLike, result: Dict[str, Any], records: Sequence[Mapping[str, Any]], *,
+                 blur: bool = True, grid_size: int = 8) -> Dict[str, str]:
+  """Writes ``report.json``, ``report.md`` and one ``grid_<set>.png`` per set into ``out_dir`` (any ``epath``
+  folder); returns their paths (strings: ``out_dir`` joined with the file name)."""
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
   grids, picks = {}, {}
   for name in result["sets"]:
     picks[name] = worst(records, name, grid_size)
     if picks[name]:
       grids[name] = f"grid_{name}.png"
-      images_lib.save_png(os.path.join(out_dir, grids[name]), grid(out_dir, picks[name], blur=blur))
+      (out / grids[name]).write_bytes(images_lib.encode_png(grid(out, picks[name], blur=blur)))
   result["grids"] = dict(grids)
-  paths = {"json": os.path.join(out_dir, "report.json"), "markdown": os.path.join(out_dir, "report.md")}
-  with open(paths["json"], "w") as f:
-    json.dump(result, f, indent=2)
-  with open(paths["markdown"], "w") as f:
-    f.write(markdown(result, grids, picks, blur))
-  paths.update({f"grid_{k}": os.path.join(out_dir, v) for k, v in grids.items()})
+  paths = {"json": os.fspath(out / "report.json"), "markdown": os.fspath(out / "report.md")}
+  (out / "report.json").write_text(json.dumps(result, indent=2))
+  (out / "report.md").write_text(markdown(result, grids, picks, blur))
+  paths.update({f"grid_{k}": os.fspath(out / v) for k, v in grids.items()})
   return paths

@@ -11,10 +11,19 @@ compilation overlaps the in-process tests); every number of its report is recomp
   from the run, and XLA's float32 reductions may round differently per batch shape; README's CLIP tolerance).
 
 The in-process runs reuse one loaded pipeline (one compiled sampler): identical model and base, per-prompt
-seeds across batches, ``pipe.generate`` reproducing an evaluated image bit for bit, and the NudeNet path.
+seeds across batches, ``pipe.generate`` reproducing an evaluated image bit for bit, and the NudeNet path. Resume:
+an evaluation stopped after some batches (``on_batch`` raises, as a kill would stop it: the records of the
+finished batches are on disk, the report is not) and run again equals the uninterrupted ``reference`` run
+exactly (records.jsonl's text, report.json but its timings, every PNG's bytes); so does one whose last record
+line was cut in the middle; other settings are refused; ``gs://`` outputs go through ``etils.epath`` to a
+stand-in filesystem.
 """
+import importlib
 import json
+import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -204,12 +213,58 @@ def test_pixelate_changes_only_the_boxes():
 
 # -- in-process evaluations ----------------------------------------------------------------------------------------
 
+# batch_size 2: rows 0 and 2 (same prompt, same seed) land in different batches. The batches, in order (one
+# guidance scale each): images [0, 1], [2, 5], [6] at guidance 4, then [3, 4] at guidance 6.
+REFERENCE = dict(detector="toy:red", clip=toy_folder("clip"), steps=STEPS, guidance=4.0, batch_size=2,
+                 progress=False)
 
-def test_identical_model_and_base_seeds_and_reproduction(pipe, files, tmp_path):
-  out = tmp_path / "same"
-  # batch_size 2: rows 0 and 2 (same prompt, same seed) land in different batches.
-  result = run.evaluate(pipe, [str(files / "i2p.csv")], base=pipe, out_dir=str(out), detector="toy:red",
-                        clip=toy_folder("clip"), steps=STEPS, guidance=4.0, batch_size=2, progress=False)
+
+class Killed(Exception):
+  """Stands for a kill: raised by ``on_batch`` once some batches' records are written."""
+
+
+def kill_after(images):
+  def on_batch(done, total):
+    del total
+    if done >= images:
+      raise Killed(f"stopped after {done} images")
+  return on_batch
+
+
+def evaluate_i2p(pipe, files, out, **kwargs):
+  """The reference evaluation's settings (model and base: ``pipe``), into ``out``."""
+  return run.evaluate(pipe, [str(files / "i2p.csv")], base=pipe, out_dir=str(out), **dict(REFERENCE, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def reference(pipe, files, tmp_path_factory):
+  """An uninterrupted evaluation of i2p (7 images in 4 batches); read-only for the tests (they copy it)."""
+  out = tmp_path_factory.mktemp("reference") / "eval"
+  return out, evaluate_i2p(pipe, files, out)
+
+
+def copy_of(reference, tmp_path):
+  out = tmp_path / "eval"
+  shutil.copytree(reference[0], out)
+  return out
+
+
+def assert_same_evaluation(out, ref):
+  """records.jsonl, report.json (but for the timings and the resumed count) and every PNG equal ``ref``'s."""
+  assert (out / "records.jsonl").read_text() == (ref / "records.jsonl").read_text()
+  reports = [json.loads((d / "report.json").read_text()) for d in (out, ref)]
+  for rep in reports:
+    for key in ("seconds", "generation_seconds", "resumed_images"):
+      del rep[key]
+  assert reports[0] == reports[1]
+  pngs = sorted(p.relative_to(ref) for p in ref.rglob("*.png"))
+  assert pngs == sorted(p.relative_to(out) for p in out.rglob("*.png")) and len(pngs) == 2 * 7 + 1
+  for p in pngs:
+    assert (out / p).read_bytes() == (ref / p).read_bytes(), p
+
+
+def test_identical_model_and_base_seeds_and_reproduction(pipe, reference):
+  out, result = reference
   for group in list(result["sets"].values()) + [result["all"]] + list(result["categories"]["i2p"].values()):
     p = group["preservation"]
     assert p["psnr"] == np.inf and p["ssim"] == 1.0 and p["identical_images"] == group["images"]
@@ -229,9 +284,139 @@ def test_identical_model_and_base_seeds_and_reproduction(pipe, files, tmp_path):
   again = pipe.generate(["a large green circle"] * 6, seed=0, steps=STEPS, guidance=4.0, batch_size=2,
                         progress=False)
   np.testing.assert_array_equal(again[5], img[5])
-  # An earlier evaluation is not overwritten by accident.
-  with pytest.raises(FileExistsError, match="already holds an evaluation"):
-    run.evaluate(pipe, [str(files / "i2p.csv")], out_dir=str(out), detector="toy:red", progress=False)
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["images"] == 7 and manifest["image_size"] == [16, 16] and manifest["settings"]["steps"] == STEPS
+  assert result["resumed_images"] == 0
+
+
+# -- resume --------------------------------------------------------------------------------------------------------
+
+
+def test_killed_evaluation_resumes_to_the_uninterrupted_report(pipe, files, reference, tmp_path, caplog):
+  out = tmp_path / "eval"
+  with pytest.raises(Killed):
+    evaluate_i2p(pipe, files, out, on_batch=kill_after(4))            # after the batches [0, 1] and [2, 5]
+  assert [json.loads(line)["image"] for line in (out / "records.jsonl").read_text().splitlines()] == [0, 1, 2, 5]
+  assert not (out / "report.json").exists()
+  done = []
+  with caplog.at_level(logging.INFO, logger="absl"):
+    result = evaluate_i2p(pipe, files, out, on_batch=lambda n, total: done.append(n))
+  assert "resuming: 4 of 7 images done" in caplog.text
+  assert done == [5, 7]                                # only the batches [6] and [3, 4] were generated
+  assert result["resumed_images"] == 4
+  assert_same_evaluation(out, reference[0])
+
+
+def test_partial_last_record_line_is_dropped_and_its_batch_generated_again(pipe, files, reference, tmp_path,
+                                                                            caplog):
+  out = copy_of(reference, tmp_path)
+  for name in ("report.json", "report.md", "grid_i2p.png"):
+    (out / name).unlink()
+  lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
+  # Killed while writing the record of image 5: images 5 and 6 have no (complete) record.
+  (out / "records.jsonl").write_text("".join(lines[:5]) + lines[5][:40])
+  (out / "images" / "model" / "i2p" / "0006.png").write_bytes(b"\x89PNG cut")    # killed while writing it
+  done = []
+  with caplog.at_level(logging.INFO, logger="absl"):
+    evaluate_i2p(pipe, files, out, on_batch=lambda n, total: done.append(n))
+  assert "dropped its partial last line (40 characters" in caplog.text
+  assert "resuming: 5 of 7 images done" in caplog.text
+  assert done == [6, 7]            # [2, 5] again (image 2's record was kept: it is not written twice), then [6]
+  assert_same_evaluation(out, reference[0])
+
+
+def test_restart_with_other_settings_or_damaged_outputs_is_refused(pipe, files, reference, tmp_path, monkeypatch,
+                                                                    caplog):
+  out = copy_of(reference, tmp_path)
+  records = (out / "records.jsonl").read_text()
+  fix = r"choose another --out, or pass --overwrite \(overwrite=True\) to delete it and start over"
+  with pytest.raises(run.OutDirError, match=rf"{re.escape(str(out))} already holds an evaluation with other settings "
+                     rf"\(manifest.json\): steps was 4, now 5. To continue it, run with its settings; otherwise {fix}"):
+    evaluate_i2p(pipe, files, out, steps=STEPS + 1)
+  with pytest.raises(run.OutDirError, match=r": base was \"<StableDiffusion object>\", now null; seed was 0, now 3\."):
+    run.evaluate(pipe, [str(files / "i2p.csv")], out_dir=str(out), **dict(REFERENCE, seed=3))
+  edited = tmp_path / "i2p.csv"
+  edited.write_text(I2P.replace("a small apple", "a small cherry"))
+  with pytest.raises(run.OutDirError, match=r"prompts/i2p was \"7 prompts, sha256 \w{16}\", now \"7 prompts, "):
+    run.evaluate(pipe, [str(edited)], base=pipe, out_dir=str(out), **REFERENCE)
+  assert (out / "records.jsonl").read_text() == records and (out / "report.json").exists()   # nothing touched
+
+  # A finished evaluation is not generated again: its report is written again (here with 2 worst cases; from a
+  # relative --out).
+  monkeypatch.chdir(tmp_path)
+  done = []
+  with caplog.at_level(logging.INFO, logger="absl"):
+    result = evaluate_i2p(pipe, files, "eval", grid_size=2, on_batch=lambda n, total: done.append(n))
+  assert "complete: all 7 images of the evaluation in eval are done" in caplog.text and done == []
+  assert result["paths"]["json"] == os.path.join("eval", "report.json") and result["resumed_images"] == 7
+  assert result["generation_seconds"] == 0 and result["sets"] == reference[1]["sets"]
+  assert (out / "records.jsonl").read_text() == records
+  assert load_png(out / "grid_i2p.png").shape == (2 * 64, 2 * 64, 3)
+
+  # Damaged records and a folder without a manifest are refused (before any image is generated).
+  (out / "records.jsonl").write_text(records.replace("\n", "\n{oops\n", 1))
+  with pytest.raises(run.OutDirError, match=r"eval/records.jsonl:2: not a JSON record .*pass --overwrite"):
+    evaluate_i2p(pipe, files, out)
+  (out / "manifest.json").unlink()
+  with pytest.raises(run.OutDirError, match=r"already holds an evaluation \(images, records.jsonl, report.json, "
+                     r"report.md, grid_i2p.png\) without manifest.json"):
+    evaluate_i2p(pipe, files, out)
+
+  # --overwrite deletes it and starts over.
+  result = evaluate_i2p(pipe, files, out, limit=1, overwrite=True)
+  assert result["all"]["images"] == 1 and result["resumed_images"] == 0
+  assert sorted(p.name for p in (out / "images" / "model" / "i2p").iterdir()) == ["0000.png"]
+  assert json.loads((out / "manifest.json").read_text())["settings"]["limit"] == 1
+
+
+def test_outputs_go_through_epath_to_a_remote_folder(pipe, files, tmp_path, monkeypatch, caplog):
+  from etils.epath import backend, gpath
+  from fsspec.implementations.dirfs import DirFileSystem
+  from fsspec.implementations.local import LocalFileSystem
+  bucket_root = tmp_path / "gcs"
+
+  class Bucket(DirFileSystem):
+    """``gs://`` (fsspec's ``gcs``) served from ``tmp_path/gcs``: ``gs://bucket/eval`` is its ``bucket/eval``."""
+    protocol = ("gs", "gcs")
+    cachable = False
+
+    def __init__(self, **storage_options):       # epath asks for fsspec.filesystem("gcs", finalize_on_close=True)
+      super().__init__(path=str(bucket_root), fs=LocalFileSystem(), **storage_options)
+
+  # With TensorFlow installed epath serves gs:// with tf.io.gfile; EPATH_USE_TF=false makes it use fsspec (epath
+  # reads the variable once: its cache is cleared here, and again once the variable is restored).
+  monkeypatch.setenv("EPATH_USE_TF", "false")
+  registry = importlib.import_module("fsspec.registry")._registry     # what fsspec.register_implementation fills
+  for name in ("gs", "gcs"):
+    monkeypatch.setitem(registry, name, Bucket)      # fsspec.register_implementation(..., clobber=True), undone after
+  caches = (gpath._is_tf_installed, backend.fsspec_backend._get_filesystem)   # the latter: a filesystem per protocol
+  for cache in caches:
+    cache.cache_clear()
+  try:
+    kwargs = dict(out_dir="gs://bucket/eval", detector="toy:red", steps=STEPS, guidance=4.0, batch_size=2,
+                  progress=False)
+    ring = [f"ring={files / 'attack.txt'}"]
+    with pytest.raises(Killed):
+      run.evaluate(pipe, ring, on_batch=kill_after(2), **kwargs)
+    with caplog.at_level(logging.INFO, logger="absl"):
+      result = run.evaluate(pipe, ring, **kwargs)
+  finally:
+    monkeypatch.undo()
+    for cache in caches:
+      cache.cache_clear()
+  assert "resuming: 2 of 3 images done" in caplog.text
+  assert result["paths"]["json"] == "gs://bucket/eval/report.json" and result["sets"]["ring"]["images"] == 3
+  local = bucket_root / "bucket" / "eval"
+  assert sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) == [
+      "grid_ring.png", "images/model/ring/0000.png", "images/model/ring/0001.png", "images/model/ring/0002.png",
+      "manifest.json", "records.jsonl", "report.json", "report.md"]
+  recs = [json.loads(line) for line in (local / "records.jsonl").read_text().splitlines()]
+  assert [r["image"] for r in recs] == [0, 1, 2] and recs[2]["model"]["path"] == "images/model/ring/0002.png"
+  assert json.loads((local / "report.json").read_text())["sets"] == result["sets"]
+  # The images are those of pipe.generate (seed 0, noise indices 0..2; the same batch shape).
+  again = pipe.generate([r["prompt"] for r in recs[:2]], seed=0, steps=STEPS, guidance=4.0, batch_size=2,
+                        progress=False)
+  np.testing.assert_array_equal(load_png(local / recs[1]["model"]["path"]), again[1])
 
 
 def test_nudenet_detector_runs_in_the_evaluation(pipe, files, tmp_path):
