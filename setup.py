@@ -18,13 +18,18 @@ setuptools.setup(
         "orbax-checkpoint>=0.11,<0.13",
         "ml_collections>=1.0,<2",
         "absl-py>=2.1",
-        "tensorflow-cpu>=2.18,<2.22",
+        # TensorFlow (tf.data, TFRecords, TensorBoard events): the CPU-only wheel on Linux and Windows; macOS has
+        # no tensorflow-cpu wheel, and there the plain tensorflow wheel runs on the CPU.
+        "tensorflow-cpu>=2.18,<2.22; sys_platform != 'darwin'",
+        "tensorflow>=2.18,<2.22; sys_platform == 'darwin'",
         "tensorflow-datasets>=4.9.7,<5",
         "safetensors>=0.4.5,<1",
         "transformers>=4.46,<6",
         "diffusers>=0.31,<1",
         "tqdm>=4.66",
         "pyarrow>=14",            # Pick-a-Pic parquet shards
+        "google-crc32c>=1.5",     # TFRecord framing checks: reading around a damaged record (data/framing.py)
+        "clu>=0.0.12",            # clu.metric_writers: TensorBoard scalars, sample images, hyper-parameters
         "tensorboard>=2.18",      # tf.summary needs it (tensorflow-cpu does not bring it)
         "matplotlib>=3.8",        # the toy world's report plot
         "nudenet>=3.4.2,<4",      # NudeNet detector: its 320n.onnx and labels (rewards/nudenet.py)

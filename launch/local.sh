@@ -158,9 +158,20 @@ stop() {  # stop: end the processes this script started and has not yet seen exi
     [[ $reaped == *" $pid "* ]] || kill "$pid" 2>/dev/null || true
   done
 }
+# A signal does not end this script at once: SIGTERM is passed on to the processes (a terminal's Ctrl-C reaches
+# them directly, as it reaches this script), and the loop below waits for them to save their checkpoint and
+# exit; the script then exits with their status (143 for SIGTERM, 130 for SIGINT).
+signalled=''
+# shellcheck disable=SC2329  # called from the TERM trap
+forward() {  # forward SIG: send SIG to the processes still running
+  local pid
+  for pid in ${pids[@]+"${pids[@]}"}; do
+    [[ $reaped == *" $pid "* ]] || kill -s "$1" "$pid" 2>/dev/null || true
+  done
+}
 if ((!dry_run)); then
-  trap 'stop; exit 130' INT
-  trap 'stop; exit 143' TERM
+  trap 'signalled=INT' INT
+  trap 'signalled=TERM; forward TERM' TERM
 fi
 for ((i = 0; i < processes; i++)); do
   command=(env ${envs[@]+"${envs[@]}"} SC_DPO_COORDINATOR="localhost:$port" SC_DPO_NUM_PROCESSES="$processes"
@@ -174,7 +185,8 @@ for ((i = 0; i < processes; i++)); do
 done
 ((!dry_run)) || exit 0
 
-# Wait for all; the first failure stops the rest (they would wait for it in a collective forever).
+# Wait for all; the first failure stops the rest (they would wait for it in a collective forever), except
+# after a signal, when every process is saving its part of the same checkpoint.
 status=0
 running=("${pids[@]}")
 while ((${#running[@]})); do
@@ -189,8 +201,10 @@ while ((${#running[@]})); do
     reaped+="$pid "
     if ((rc != 0 && status == 0)); then
       status=$rc
-      printf '%s: a process (pid %s) exited with status %s; stopping the others\n' "$prog" "$pid" "$rc" >&2
-      stop
+      if [[ -z $signalled ]]; then
+        printf '%s: a process (pid %s) exited with status %s; stopping the others\n' "$prog" "$pid" "$rc" >&2
+        stop
+      fi
     fi
   done
   running=(${still[@]+"${still[@]}"})

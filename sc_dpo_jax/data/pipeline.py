@@ -36,12 +36,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
+import time
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from absl import logging
+
 from sc_dpo_jax.data import decode as decode_lib
+from sc_dpo_jax.data import framing
 from sc_dpo_jax.data.records import Source
 from sc_dpo_jax.data.schema import IMAGE, PAIR, RecordError
 
@@ -136,6 +141,9 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
     self._epoch, self._ordinal = 0, 0
     self._batches = self._records = self._bad = 0
     self._iterator = None
+    self._readable: Dict[int, str] = {}      # file id -> a copy that reads around damaged records
+    if skip_bad_records:
+      self._read_around_damage()
 
   # -- the tf.data graph ---------------------------------------------------------------------------------------
 
@@ -143,7 +151,7 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
     """``(epoch, ordinal, file_id, index, serialized)`` of this host's records in training order, from the
     position ``(epoch, ordinal)`` on (undecoded, so skipping is cheap)."""
     shard = self.shard
-    files = tf.constant([self.source.files[i] for i in shard.file_ids])
+    files = tf.constant([self._readable.get(i, self.source.files[i]) for i in shard.file_ids])
     file_ids = tf.constant(list(shard.file_ids), tf.int64)
     n_files = len(shard.file_ids)
     cycle = min(self.cycle_length, n_files) if self.shuffle else 1     # unshuffled: the files' own order
@@ -252,10 +260,49 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
       self._bad += missing
       self._epoch, self._ordinal = self.num_epochs, 0
 
+  def _damaged_files(self):
+    """``[(file id, framing.Scan)]`` of this host's files that have damaged frames (``data.framing``)."""
+    found = []
+    for file_id in self.shard.file_ids:
+      report = framing.scan(self.source.files[file_id])
+      if report.bad:
+        found.append((file_id, report))
+    return found
+
+  def _read_around_damage(self) -> None:
+    """``skip_bad_records``: check the framing of this host's files once, at the start (a full read of them,
+    logged), and read each damaged file from a copy in which every damaged record is an empty one, so that it
+    costs that record only (counted as bad) instead of the rest of its file (TensorFlow's reader stops at a
+    damaged frame)."""
+    start = time.time()
+    found = self._damaged_files()
+    logging.info("checked the TFRecord framing of %d files in %.1f s (skip_bad_records)", len(self.shard.file_ids),
+                 time.time() - start)
+    folder = os.path.join(tempfile.gettempdir(), "sc_dpo_jax_readable")
+    for file_id, report in found:
+      self._readable[file_id] = framing.readable_copy(report, folder)
+      logging.warning("%s: %d damaged records (first: record %d, %s); reading the others from %s",
+                      self.source.files[file_id], len(report.bad), report.bad[0].index, report.bad[0].reason,
+                      self._readable[file_id])
+
   def _locate(self, epoch: int, ordinal: int):
-    """(file id, index in file) of the record at ``(epoch, ordinal)``, by replaying the undecoded stream."""
-    for _, _, file_id, index, _ in self.raw_records(epoch, ordinal).take(1):
-      return int(file_id), int(index)
+    """(file id, index in file) of the record at ``(epoch, ordinal)``, by replaying the undecoded stream; a
+    damaged file on the way raises :class:`RecordError` naming it, the record and the fix."""
+    try:
+      for _, _, file_id, index, _ in self.raw_records(epoch, ordinal).take(1):
+        return int(file_id), int(index)
+    except tf.errors.DataLossError as error:     # damaged framing: TensorFlow's message names no file
+      found = self._damaged_files()
+      if not found:
+        raise RecordError(f"TensorFlow could not read the records of {self.source.name!r} "
+                          f"({_tf_message(error)}) and no damaged frame was found in this host's "
+                          f"{len(self.shard.file_ids)} files") from error
+      file_id, report = found[0]
+      b = report.bad[0]
+      raise RecordError(f"{self.source.files[file_id]}: record {b.index} (byte {b.offset}) is damaged: {b.reason} "
+                        f"({sum(len(r.bad) for _, r in found)} damaged records in {len(found)} files). Re-create "
+                        f"the file, or pass skip_bad_records=True (config: data.skip_bad_records) to skip each "
+                        f"damaged record and count it") from error
     raise RuntimeError(f"no record at epoch {epoch}, ordinal {ordinal}")
 
   def _raise_bad(self, file_id: int, index: int):

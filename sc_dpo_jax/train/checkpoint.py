@@ -88,7 +88,11 @@ class Checkpointer:
       raise ValueError(f"keep = {keep}: keep at least one checkpoint")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     self.directory = paths.resolve(directory)      # Orbax needs absolute paths; gs:// stays as it is
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    # Handlers named up front, so a fresh process can read a checkpoint's metadata before restoring it.
+    handlers = dict(state=ocp.StandardCheckpointHandler(), rng=ocp.StandardCheckpointHandler(),
+                    data=ocp.JsonCheckpointHandler(), config=ocp.JsonCheckpointHandler(),
+                    extra=ocp.JsonCheckpointHandler())
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
@@ -141,7 +145,10 @@ class Checkpointer:
   def check_structure(self, step: int, abstract_state: Any) -> None:
     """Raises :class:`IncompatibleCheckpoint` naming the first arrays that the run's state and checkpoint
     ``step`` do not share, or whose shapes differ (e.g. LoRA switched on, another rank, another model)."""
-    saved = _shapes(self.manager.item_metadata(int(step))["state"])
+    metadata = self.manager.item_metadata(int(step))["state"]
+    if metadata is None:
+      raise FileNotFoundError(f"{self.directory / str(step)} has no readable metadata for its train state")
+    saved = _shapes(metadata)
     wanted = _shapes(abstract_state)
     missing = sorted(set(wanted) - set(saved))
     unexpected = sorted(set(saved) - set(wanted))
