@@ -34,9 +34,9 @@ def _env(cache):
               TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
 
 
-def _run(cmd, cache, timeout=600):
-  result = subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-4000:]
+def _run(cmd, cache, timeout=600, status=0, cwd=ROOT):
+  result = subprocess.run(cmd, env=_env(cache), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == status, result.stderr[-4000:]
   return result
 
 
@@ -100,10 +100,13 @@ def test_sigterm_mid_run_then_restart_is_bit_identical(uninterrupted):
       break
     time.sleep(0.05)
   _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-4000:]
+  assert proc.returncode == 128 + signal.SIGTERM, err[-4000:]      # a scheduler can tell it from a finished run
+  assert "Traceback" not in err, err[-4000:]
   first = _summary(workdir)
-  assert first["stopped_by_signal"] and first["final_step"] < STEPS, first
+  assert first["stopped_by_signal"] and first["final_step"] < STEPS and first["stop_signal"] == "SIGTERM", first
   assert "export" not in first
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:        # the stopped step's window is logged
+    assert json.loads(f.readlines()[-1])["step"] == first["final_step"]
   _run(_command(workdir), cache)
   second = _summary(workdir)
   assert second["start_step"] == first["final_step"] and second["final_step"] == STEPS
@@ -155,3 +158,83 @@ def test_misspelt_config_key_names_it(tmp_path):
   result = subprocess.run(_command(tmp_path / "w", "configs/duo.py:tiny", "--config.trian.steps=3"),
                           env=_env(tmp_path / "cache"), cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert result.returncode != 0 and "trian" in result.stderr
+
+
+def _copy_run(reference, workdir):
+  import shutil
+  shutil.copytree(reference, workdir)
+  return workdir
+
+
+def _steps_logged(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
+def test_corrupted_latest_checkpoint_falls_back_and_metrics_are_not_doubled(uninterrupted):
+  """Checkpoint 6's arrays damaged (a flipped byte in every data file): the rerun sets it aside, resumes from 3,
+  logs steps 4-6 once (the first run's lines after step 3 are dropped), and ends bit-identical."""
+  root, cache, reference = uninterrupted
+  workdir = _copy_run(reference, root / "corrupted")
+  data_files = [os.path.join(d, f) for d, _, files in os.walk(workdir / "checkpoints" / "6" / "state")
+                for f in files if os.sep + "d" + os.sep in os.path.join(d, f)]
+  assert data_files, "no array data files found under the checkpoint"
+  for path in data_files:
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      byte = f.read(1)
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte[0] ^ 0xFF]))
+  result = _run(_command(workdir), cache)
+  assert "cannot be read" in result.stderr and "moved it to" in result.stderr, result.stderr[-3000:]
+  assert "Event loop is closed" not in result.stderr
+  assert os.path.isdir(str(workdir / "checkpoints") + ".corrupt" + os.sep + "6")
+  summary = _summary(workdir)
+  assert summary["start_step"] == 3 and summary["final_step"] == STEPS
+  assert _steps_logged(workdir) == list(range(1, STEPS + 1))
+  assert _unet_bytes(workdir) == _unet_bytes(reference)
+
+
+def test_resuming_with_another_method_or_lora_is_refused_with_the_key(uninterrupted):
+  root, cache, reference = uninterrupted
+  workdir = _copy_run(reference, root / "other_method")
+  result = _run(_command(workdir, "configs/diffusion_dpo.py:tiny", "--config.objective.method=sc_dpo"), cache,
+                status=1)
+  assert "objective.method = 'diffusion_dpo' in the checkpoint, 'sc_dpo' now" in result.stderr, result.stderr[-3000:]
+  assert "allow_config_change" in result.stderr and "Traceback" not in result.stderr
+  result = _run(_command(workdir, "configs/diffusion_dpo.py:tiny", "--config.lora.enabled=True"), cache, status=1)
+  assert "lora.enabled = False in the checkpoint, True now" in result.stderr, result.stderr[-3000:]
+  # Told to go on anyway, the train state itself does not fit: the message names the arrays, not a tree diff.
+  result = _run(_command(workdir, "configs/diffusion_dpo.py:tiny", "--config.lora.enabled=True",
+                         "--config.train.allow_config_change=True"), cache, status=1)
+  assert "does not hold this run's train state" in result.stderr and "lora_a" in result.stderr, result.stderr[-3000:]
+  assert os.path.join("checkpoints", "6") in result.stderr
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]     # nothing set aside or overwritten
+
+
+def test_nan_guard_stop_waits_for_the_save_and_says_why(uninterrupted):
+  """Five non-finite updates in a row stop the run with the guard's message (exit 1); the checkpoint saved at
+  the step before is complete, not a ``*-tmp`` folder."""
+  root, cache, _ = uninterrupted
+  workdir = root / "guard_stop"
+  result = _run(_command(workdir, "configs/diffusion_dpo.py:tiny", "--config.train.inject_nonfinite_at=(1,2,3,4,5)",
+                         "--config.train.checkpoint_every=1", "--config.train.max_nonfinite_in_a_row=5"),
+                cache, status=1)
+  assert "5 updates in a row had a non-finite loss or gradient" in result.stderr, result.stderr[-3000:]
+  assert "cannot schedule new futures" not in result.stderr and "Traceback" not in result.stderr
+  saved = os.listdir(workdir / "checkpoints")
+  assert "5" in saved and not [d for d in saved if "tmp" in d], saved
+
+
+def test_relative_workdir_and_tiny_with_a_model_path(uninterrupted, tmp_path):
+  """The README's first command with a relative workdir trains and exports; a :tiny config with a model path
+  is refused before anything is built, naming both keys."""
+  _, cache, _ = uninterrupted
+  cmd = [sys.executable, "-m", "sc_dpo_jax.main", f"--config={ROOT}/configs/diffusion_dpo.py:tiny",
+         "--workdir=workdir/x", "--config.train.steps=2", "--config.train.checkpoint_every=2",
+         "--config.train.progress=False", "--config.train.eval_prompts=()"]
+  _run(cmd, cache, cwd=tmp_path)
+  assert (tmp_path / "workdir" / "x" / "checkpoints" / "2").is_dir()
+  assert (tmp_path / "workdir" / "x" / "export" / "unet").is_dir()
+  result = _run([*cmd[:5], "--config.model.path=/models/sd15"], cache, status=1, cwd=tmp_path)
+  assert "config.model.tiny" in result.stderr and "config.model.path" in result.stderr, result.stderr[-3000:]
