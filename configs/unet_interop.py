@@ -23,7 +23,7 @@ def get_config(arg=None):
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
       transformer_layers_per_block=(1, 1, 1), attention_head_dim=(2, 4, 4), norm_num_groups=8,
       cross_attention_dim=48, use_linear_projection=True, upcast_attention=True))
-  c.attention = "reference"   # models.ATTENTION_IMPLEMENTATIONS: reference | xla | cudnn
+  c.attention = "reference"   # models.ATTENTION_IMPLEMENTATIONS: reference | xla | cudnn | auto
   c.dtype = "float32"         # compute dtype; parameters stay float32
 
   # A diffusers scheduler config (written next to the UNet as scheduler/scheduler_config.json).

@@ -31,7 +31,6 @@ hold), which every transformers version loads without missing or unexpected keys
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -40,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from sc_dpo_jax.models import weights
+from sc_dpo_jax.models import attention as attention_lib
+from sc_dpo_jax.models import storage, weights
 from sc_dpo_jax.models.clip import CLIPTextModel, CLIPVisionModel
 from sc_dpo_jax.models.clip_config import CLIPTextConfig, CLIPVisionConfig, is_full_config
 from sc_dpo_jax.models.io import params_from_state_dict, read_json
@@ -70,7 +70,7 @@ def load_clip_text(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, a
   Args:
     folder: e.g. the ``text_encoder`` folder of a diffusers pipeline, or a saved text model.
     dtype, param_dtype: compute and storage dtypes (see ``models.layers``).
-    attention: attention implementation (``models.attention.IMPLEMENTATIONS``).
+    attention: attention implementation (``models.attention.IMPLEMENTATIONS``; ``"auto"`` is resolved here).
     allow_pickle: accept a pickled ``model.bin`` (needs torch; unpickling can run code).
     variant: weight-file variant, e.g. ``"fp16"`` for ``model.fp16.safetensors``.
 
@@ -141,9 +141,11 @@ def _select(state_dict: Mapping[str, np.ndarray], tower: Dict, architecture: Opt
 
 
 def _load(folder, tower, config_cls, module_cls, *, dtype, param_dtype, attention, allow_pickle, variant):
-  config_path = os.path.join(folder, "config.json")
+  config_path = storage.join(folder, "config.json")
   raw = read_json(config_path)
   config = config_cls.from_transformers(raw, source=config_path)
+  attention = attention_lib.resolve(attention, head_dims=(config.hidden_size // config.num_attention_heads,),
+                                    dtype=dtype, what=f"CLIP {tower['what']}")
   architecture = _architecture(raw, tower, config_path)
   state_dict, source = weights.read_state_dict(folder, CLIP_WEIGHTS, allow_pickle=allow_pickle,
                                                variant=variant)

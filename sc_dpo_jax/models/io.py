@@ -7,12 +7,11 @@
 
 No torch is needed: safetensors files are read and written with safetensors' numpy API. Loading is strict:
 every parameter must be filled and every tensor in the file used, and a config key we cannot honour is an
-error that names it.
+error that names it. Folders may be local or ``gs://`` URIs (``models.storage``); ``attention="auto"`` is
+resolved to a concrete kernel when the model is loaded (``models.attention.resolve``).
 """
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -20,7 +19,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 import flax.linen as nn
 
-from sc_dpo_jax.models import weights
+from sc_dpo_jax.models import attention as attention_lib
+from sc_dpo_jax.models import storage, weights
 from sc_dpo_jax.models.unet import UNet2DConditionModel
 from sc_dpo_jax.models.unet_config import UNetConfig
 
@@ -30,13 +30,8 @@ UNET_CONTAINERS = ("down_blocks", "up_blocks", "resnets", "attentions", "downsam
 
 
 def read_json(path: str) -> Dict[str, Any]:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} does not exist")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON: {e}") from e
+  """The JSON object in ``path`` (local or ``gs://``); errors name the file."""
+  return storage.read_json(path)
 
 
 def param_shapes(module: nn.Module, *inputs) -> Dict[Tuple[str, ...], Tuple[int, ...]]:
@@ -61,9 +56,10 @@ def load_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, attent
   """Loads a diffusers ``UNet2DConditionModel`` folder (``config.json`` + safetensors weights).
 
   Args:
-    folder: the ``unet`` folder of a diffusers pipeline, or a saved UNet.
+    folder: the ``unet`` folder of a diffusers pipeline, or a saved UNet (local or ``gs://``).
     dtype, param_dtype: compute and storage dtypes (see ``models.layers``).
-    attention: attention implementation (``models.attention.IMPLEMENTATIONS``).
+    attention: attention implementation (``models.attention.IMPLEMENTATIONS``); ``"auto"`` and ``"cudnn"`` are
+      checked against this platform, the UNet's head widths and ``dtype`` here (``attention.resolve``).
     remat_policy: rematerialise each block under this ``jax.checkpoint_policies`` name.
     allow_pickle: accept a pickled ``diffusion_pytorch_model.bin`` (needs torch).
     variant: weight-file variant, e.g. ``"fp16"``.
@@ -71,14 +67,24 @@ def load_unet(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, attent
   Returns:
     ``(module, params)``: params is a nested dict of ``param_dtype`` arrays.
   """
-  config_path = os.path.join(folder, "config.json")
+  config_path = storage.join(folder, "config.json")
   config = UNetConfig.from_diffusers(read_json(config_path), source=config_path)
+  attention = attention_lib.resolve(attention, head_dims=attention_lib.unet_head_dims(config), dtype=dtype,
+                                    what="unet")
   unet = UNet2DConditionModel(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
                               remat_policy=remat_policy)
   state_dict, source = weights.read_state_dict(folder, UNET_WEIGHTS, allow_pickle=allow_pickle,
                                                variant=variant)
   return unet, params_from_state_dict(unet, state_dict, UNET_CONTAINERS, source=source, param_dtype=param_dtype,
                                       inputs=unet.dummy_inputs(size=8))
+
+
+def unet_with_attention(unet: UNet2DConditionModel, attention: str) -> UNet2DConditionModel:
+  """``unet`` with attention implementation ``attention`` resolved for its head widths and compute dtype on this
+  platform (``attention.resolve``: ``"auto"`` is logged and made concrete, an impossible ``"cudnn"`` raises)."""
+  resolved = attention_lib.resolve(attention, head_dims=attention_lib.unet_head_dims(unet.config),
+                                   dtype=unet.dtype, what="unet")
+  return unet if resolved == unet.attention else unet.clone(attention=resolved)
 
 
 def save_unet(folder: str, unet: UNet2DConditionModel, params: Dict, *, dtype=None,

@@ -11,14 +11,13 @@ Sampling is DDIM (``diffusion.sampling``) whatever scheduler class the folder na
 timestep spacing and offsets are used. Every model runs through ``apply`` with its parameters passed to a
 jitted function (never closed over); compiled programs are cached per (batch, size, steps, eta, guidance on/off).
 The folder's ``safety_checker``/``feature_extractor`` components are not loaded (this project measures safety
-with its own detectors) and are written as absent.
+with its own detectors) and are written as absent. Folders may be local or ``gs://`` URIs (``models.storage``): a
+trainer's export lands in a bucket workdir and loads back from it.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any, Dict, Optional, Sequence, Union
 
 import jax
@@ -28,7 +27,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sc_dpo_jax import diffusion
-from sc_dpo_jax.models import clip_io, io, tokenizer as tokenizer_lib, vae_io, weights
+from sc_dpo_jax.models import clip_io, io, storage, tokenizer as tokenizer_lib, vae_io, weights
 from sc_dpo_jax.models.clip import CLIPTextModel
 from sc_dpo_jax.models.tokenizer import Tokenizer
 from sc_dpo_jax.models.unet import UNet2DConditionModel
@@ -239,9 +238,15 @@ def _sampler(text_encoder, unet, vae, schedule, *, steps, eta, use_guidance, str
 # ------------------------------------------------------------------------------------------------- folders
 def load_pipeline(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, attention: str = "reference",
                   allow_pickle: bool = False) -> StableDiffusion:
-  """Reads a diffusers Stable Diffusion folder (SD1.x/2.x layout, see the module docstring)."""
-  index_path = os.path.join(folder, "model_index.json")
-  if not os.path.isfile(index_path):
+  """Reads a diffusers Stable Diffusion folder (SD1.x/2.x layout, see the module docstring), local or ``gs://``.
+
+  ``attention`` (``models.attention.IMPLEMENTATIONS``) is resolved per model as it loads (``attention.resolve``):
+  ``"auto"`` picks cuDNN where the model's heads and ``dtype`` allow it on this platform and XLA elsewhere (the SD
+  VAE's 512-wide head always gets XLA); ``"cudnn"`` runs the UNet and text encoder on cuDNN, the VAE as ``"auto"``,
+  and fails here, naming the fix, where cuDNN cannot run.
+  """
+  index_path = storage.join(folder, "model_index.json")
+  if not storage.is_file(index_path):
     raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder: {index_path} does not exist")
   index = io.read_json(index_path)
   name = index.get("_class_name")
@@ -259,31 +264,34 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, at
     if isinstance(value, list) and value[0] is not None:
       logging.info("%s: not loading component %r (%s)", folder, key, value)
   kw = dict(dtype=dtype, param_dtype=param_dtype, attention=attention, allow_pickle=allow_pickle)
-  unet, unet_params = io.load_unet(os.path.join(folder, "unet"), **kw)
-  text_encoder, text_params = clip_io.load_clip_text(os.path.join(folder, "text_encoder"), **kw)
+  unet, unet_params = io.load_unet(storage.join(folder, "unet"), **kw)
+  text_encoder, text_params = clip_io.load_clip_text(storage.join(folder, "text_encoder"), **kw)
   # cuDNN attention takes heads up to 256 wide; the SD VAE's single mid-block head is 512 wide.
-  vae_kw = dict(kw, attention="xla" if attention == "cudnn" else attention)
-  vae, vae_params = vae_io.load_vae(os.path.join(folder, "vae"), **vae_kw)
-  scheduler_dir = os.path.join(folder, "scheduler")
-  schedule = diffusion.load_schedule(scheduler_dir)
+  vae_kw = dict(kw, attention="auto" if attention == "cudnn" else attention)
+  vae, vae_params = vae_io.load_vae(storage.join(folder, "vae"), **vae_kw)
+  schedule_path = storage.join(folder, "scheduler", "scheduler_config.json")
+  schedule = diffusion.NoiseSchedule.from_config(io.read_json(schedule_path), source=schedule_path)
   if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
     raise ValueError(f"{folder}: text_encoder hidden_size {text_encoder.config.hidden_size} != unet "
                      f"cross_attention_dim {unet.config.cross_attention_dim}")
   return StableDiffusion(unet=unet, text_encoder=text_encoder, vae=vae,
-                         tokenizer=tokenizer_lib.load_tokenizer(os.path.join(folder, "tokenizer")),
+                         tokenizer=tokenizer_lib.load_tokenizer(storage.join(folder, "tokenizer")),
                          schedule=schedule,
                          params={"unet": unet_params, "text_encoder": text_params, "vae": vae_params},
                          scheduler_class=index["scheduler"][1])
 
 
 def save_pipeline(folder: str, pipe: StableDiffusion, *, dtype=None) -> None:
-  """Writes a folder that ``diffusers.StableDiffusionPipeline.from_pretrained`` and ``load_pipeline`` read."""
-  os.makedirs(folder, exist_ok=True)
-  io.save_unet(os.path.join(folder, "unet"), pipe.unet, pipe.params["unet"], dtype=dtype)
-  clip_io.save_clip_text(os.path.join(folder, "text_encoder"), pipe.text_encoder, pipe.params["text_encoder"])
-  vae_io.save_vae(os.path.join(folder, "vae"), pipe.vae, pipe.params["vae"], dtype=dtype)
-  pipe.tokenizer.save(os.path.join(folder, "tokenizer"))
-  diffusion.save_schedule(os.path.join(folder, "scheduler"), pipe.schedule, pipe.scheduler_class)
+  """Writes a folder that ``diffusers.StableDiffusionPipeline.from_pretrained`` and ``load_pipeline`` read, local
+  or ``gs://`` (``models.storage``); its ``tokenizer/`` loads in every transformers version we support
+  (``Tokenizer.save``)."""
+  storage.makedirs(folder)
+  io.save_unet(storage.join(folder, "unet"), pipe.unet, pipe.params["unet"], dtype=dtype)
+  clip_io.save_clip_text(storage.join(folder, "text_encoder"), pipe.text_encoder, pipe.params["text_encoder"])
+  vae_io.save_vae(storage.join(folder, "vae"), pipe.vae, pipe.params["vae"], dtype=dtype)
+  pipe.tokenizer.save(storage.join(folder, "tokenizer"))
+  with storage.staged(storage.join(folder, "scheduler")) as scheduler_dir:
+    diffusion.save_schedule(scheduler_dir, pipe.schedule, pipe.scheduler_class)
   text_class = "CLIPTextModelWithProjection" if pipe.text_encoder.with_projection else "CLIPTextModel"
   index = {
       "_class_name": "StableDiffusionPipeline",
@@ -297,5 +305,4 @@ def save_pipeline(folder: str, pipe: StableDiffusion, *, dtype=None) -> None:
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
   }
-  with open(os.path.join(folder, "model_index.json"), "w") as f:
-    json.dump(index, f, indent=2)
+  storage.write_json(storage.join(folder, "model_index.json"), index)

@@ -31,7 +31,7 @@ posterior moments (encoder ``conv_out``, ``quant_conv``) and the image (``post_q
 
 The mid-block attention is single-headed with ``head_dim = channels`` (512 for SD). cuDNN's fused attention
 takes heads of at most 256 (128 before Hopper), so ``attention="cudnn"`` is refused with a ValueError for
-wider heads (the SD VAE): use ``"xla"``, which works everywhere.
+wider heads (the SD VAE): use ``"xla"``, which works everywhere, or ``"auto"`` (``models.attention``).
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ class MidBlockAttention(nn.Module):
     b, hgt, wid, ch = x.shape
     if o.attention == "cudnn" and ch > CUDNN_MAX_HEAD_DIM:
       raise ValueError(f"VAE attention='cudnn' cannot run the mid-block attention: its single head is {ch} "
-                       f"wide and cuDNN takes at most {CUDNN_MAX_HEAD_DIM}; use attention='xla'")
+                       f"wide and cuDNN takes at most {CUDNN_MAX_HEAD_DIM}; use attention='xla' or 'auto'")
     h = GroupNorm(self.groups, NORM_EPS, name="group_norm", **kw)(x).reshape(b, hgt * wid, ch)
     q = dense(ch, ("embed", "heads"), name="to_q", **kw)(h)
     k = dense(ch, ("embed", "heads"), name="to_k", **kw)(h)

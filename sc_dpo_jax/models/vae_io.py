@@ -15,14 +15,14 @@ shapes); a file holding both names for one tensor is an error. :func:`save_vae` 
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Dict, Mapping, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 
-from sc_dpo_jax.models import weights
+from sc_dpo_jax.models import attention as attention_lib
+from sc_dpo_jax.models import storage, weights
 from sc_dpo_jax.models.io import params_from_state_dict, read_json
 from sc_dpo_jax.models.vae import AutoencoderKL
 from sc_dpo_jax.models.vae_config import VAEConfig
@@ -63,7 +63,8 @@ def load_vae(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, attenti
   Args:
     folder: the ``vae`` folder of a diffusers pipeline, or a saved VAE.
     dtype, param_dtype: compute and storage dtypes (see ``models.layers``).
-    attention: mid-block attention implementation (``models.attention.IMPLEMENTATIONS``).
+    attention: mid-block attention implementation (``models.attention.IMPLEMENTATIONS``; ``"auto"`` is resolved
+      here: the SD VAE's single 512-wide head is beyond cuDNN, so it gets ``"xla"``).
     remat_policy: rematerialise each block under this ``jax.checkpoint_policies`` name.
     allow_pickle: accept a pickled ``diffusion_pytorch_model.bin`` (needs torch).
     variant: weight-file variant, e.g. ``"fp16"``.
@@ -71,8 +72,10 @@ def load_vae(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32, attenti
   Returns:
     ``(module, params)``: params is a nested dict of ``param_dtype`` arrays.
   """
-  config_path = os.path.join(folder, "config.json")
+  config_path = storage.join(folder, "config.json")
   config = VAEConfig.from_diffusers(read_json(config_path), source=config_path)
+  head_dims = (config.block_out_channels[-1],) if config.mid_block_add_attention else ()
+  attention = attention_lib.resolve(attention, head_dims=head_dims, dtype=dtype, what="vae")
   vae = AutoencoderKL(config, dtype=dtype, param_dtype=param_dtype, attention=attention,
                       remat_policy=remat_policy)
   state_dict, source = weights.read_state_dict(folder, VAE_WEIGHTS, allow_pickle=allow_pickle,

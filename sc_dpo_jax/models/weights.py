@@ -11,7 +11,7 @@ PyTorch's ``weight``. Conv kernels are transposed OIHW <-> HWIO and linear kerne
 from __future__ import annotations
 
 import importlib.metadata
-import json
+import io
 import os
 import re
 from typing import Dict, Iterable, Mapping, Optional, Tuple
@@ -19,7 +19,8 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 import numpy as np
 from flax import traverse_util
 from flax.core import meta
-import safetensors.numpy
+
+from sc_dpo_jax.models import storage
 
 Path = Tuple[str, ...]
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
@@ -46,7 +47,7 @@ def read_state_dict(folder: str, weights_name: str, *, allow_pickle: bool = Fals
   """Reads every tensor of ``folder/<weights_name>.safetensors`` (or its sharded index).
 
   Args:
-    folder: the model folder.
+    folder: the model folder (local, or a ``gs://`` URI: see ``models.storage``).
     weights_name: file stem, e.g. ``diffusion_pytorch_model`` or ``model``.
     allow_pickle: also accept ``<weights_name>.bin`` (needs torch; unpickling can run code).
     variant: e.g. ``"fp16"`` for ``diffusion_pytorch_model.fp16.safetensors``.
@@ -54,16 +55,16 @@ def read_state_dict(folder: str, weights_name: str, *, allow_pickle: bool = Fals
   Returns:
     (name -> numpy array, description of the file(s) read, for error messages).
   """
-  single = os.path.join(folder, _add_variant(f"{weights_name}.safetensors", variant))
-  index = os.path.join(folder, _add_variant(f"{weights_name}.safetensors.index.json", variant))
-  if os.path.isfile(single):
-    return dict(safetensors.numpy.load_file(single)), single
-  if os.path.isfile(index):
-    return _read_sharded(index, lambda path: safetensors.numpy.load_file(path)), index
-  pickled = os.path.join(folder, _add_variant(f"{weights_name}.bin", variant))
-  pickled_index = os.path.join(folder, _add_variant(f"{weights_name}.bin.index.json", variant))
-  if os.path.isfile(pickled) or os.path.isfile(pickled_index):
-    found = pickled if os.path.isfile(pickled) else pickled_index
+  single = storage.join(folder, _add_variant(f"{weights_name}.safetensors", variant))
+  index = storage.join(folder, _add_variant(f"{weights_name}.safetensors.index.json", variant))
+  if storage.is_file(single):
+    return storage.read_safetensors(single), single
+  if storage.is_file(index):
+    return _read_sharded(index, storage.read_safetensors), index
+  pickled = storage.join(folder, _add_variant(f"{weights_name}.bin", variant))
+  pickled_index = storage.join(folder, _add_variant(f"{weights_name}.bin.index.json", variant))
+  if storage.is_file(pickled) or storage.is_file(pickled_index):
+    found = pickled if storage.is_file(pickled) else pickled_index
     if not allow_pickle:
       raise PickleRefusedError(
           f"{found} is a pickled PyTorch checkpoint; loading it can run arbitrary code. Convert it to "
@@ -71,22 +72,21 @@ def read_state_dict(folder: str, weights_name: str, *, allow_pickle: bool = Fals
     if found == pickled:
       return _read_pickle(pickled), pickled
     return _read_sharded(pickled_index, _read_pickle), pickled_index
-  present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "(folder does not exist)"
+  present = storage.listdir(folder) if storage.is_dir(folder) else "(folder does not exist)"
   raise FileNotFoundError(f"no weights in {folder}: looked for {os.path.basename(single)} and "
                           f"{os.path.basename(index)}; the folder holds {present}")
 
 
 def _read_sharded(index_path: str, read_one) -> Dict[str, np.ndarray]:
-  with open(index_path) as f:
-    try:
-      weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"{index_path}: not a valid index file (needs a 'weight_map'): {e}") from e
-  folder = os.path.dirname(index_path)
+  try:
+    weight_map = storage.read_json(index_path)["weight_map"]
+  except (ValueError, KeyError) as e:
+    raise ValueError(f"{index_path}: not a valid index file (needs a 'weight_map'): {e}") from e
+  folder = storage.dirname(index_path)
   tensors: Dict[str, np.ndarray] = {}
   for shard in sorted(set(weight_map.values())):
-    path = os.path.join(folder, shard)
-    if not os.path.isfile(path):
+    path = storage.join(folder, shard)
+    if not storage.is_file(path):
       raise FileNotFoundError(f"{index_path} names shard {shard}, which is missing from {folder}")
     for name, value in read_one(path).items():
       if weight_map.get(name) != shard:
@@ -104,7 +104,8 @@ def _read_pickle(path: str) -> Dict[str, np.ndarray]:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError(f"reading the pickled checkpoint {path} needs torch installed") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
+  source = io.BytesIO(storage.read_bytes(path)) if storage.is_remote(path) else path
+  state = torch.load(source, map_location="cpu", weights_only=True)
   return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in state.items()}
 
 
@@ -188,17 +189,17 @@ def flax_to_torch(params: Mapping, containers: Iterable[str], dtype=None) -> Dic
 # ---------------------------------------------------------------------------------------------- writing
 def write_state_dict(folder: str, weights_name: str, tensors: Mapping[str, np.ndarray], *,
                      max_shard_bytes: Optional[int] = None) -> None:
-  """Writes ``folder/<weights_name>.safetensors``, or shards and an index if larger than ``max_shard_bytes``."""
-  os.makedirs(folder, exist_ok=True)
+  """Writes ``folder/<weights_name>.safetensors``, or shards and an index if larger than ``max_shard_bytes``
+  (``folder`` local or a ``gs://`` URI: see ``models.storage``)."""
+  storage.makedirs(folder)
   ours = re.compile(re.escape(weights_name) + r"(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
-  for old in os.listdir(folder):  # a stale single file or shard set would shadow or mix with the new one
+  for old in storage.listdir(folder):  # a stale single file or shard set would shadow or mix with the new one
     if ours.fullmatch(old):
-      os.remove(os.path.join(folder, old))
+      storage.remove(storage.join(folder, old))
   metadata = {"format": "pt"}
   total = sum(t.nbytes for t in tensors.values())
   if max_shard_bytes is None or total <= max_shard_bytes:
-    safetensors.numpy.save_file(dict(tensors), os.path.join(folder, f"{weights_name}.safetensors"),
-                                metadata=metadata)
+    storage.write_safetensors(storage.join(folder, f"{weights_name}.safetensors"), tensors, metadata=metadata)
     return
   shards, current, size = [], {}, 0
   for name in sorted(tensors):
@@ -212,11 +213,10 @@ def write_state_dict(folder: str, weights_name: str, tensors: Mapping[str, np.nd
   weight_map = {}
   for i, shard in enumerate(shards):
     fname = f"{weights_name}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    safetensors.numpy.save_file(shard, os.path.join(folder, fname), metadata=metadata)
+    storage.write_safetensors(storage.join(folder, fname), shard, metadata=metadata)
     weight_map.update({name: fname for name in shard})
-  with open(os.path.join(folder, f"{weights_name}.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2,
-              sort_keys=True)
+  storage.write_json(storage.join(folder, f"{weights_name}.safetensors.index.json"),
+                     {"metadata": {"total_size": total}, "weight_map": weight_map}, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -247,7 +247,5 @@ def write_config(folder: str, config: Mapping, library: str) -> None:
   """Writes ``folder/config.json`` stamped with ``library``'s version, as that library's ``save_pretrained``."""
   config = dict(config)
   config[_VERSION_KEYS[library][0]] = library_version(library)
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
+  storage.write_json(storage.join(folder, "config.json"), config)
 

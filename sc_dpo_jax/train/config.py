@@ -45,7 +45,7 @@ def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
       architecture=variant,                  # UNet/text shapes for `python -m sc_dpo_jax.bench` (random weights)
       dtype="float32" if tiny else "bfloat16",   # compute dtype; parameters stay float32
       ref_dtype="float32" if tiny else "bfloat16",   # storage of the frozen reference copy (full fine-tuning)
-      attention="reference" if tiny else "cudnn",
+      attention="reference" if tiny else "auto",   # auto: cuDNN flash on NVIDIA GPUs where it runs, else XLA
       # Rematerialisation of each UNet block: a name of models.layers.REMAT_POLICIES or jax.checkpoint_policies,
       # or "none". SD: keep conv/matmul outputs only (docs/performance.md, predicted: 0.69 GB of activations per
       # 512-px image instead of 2.21 GB, for a recompute of norms and activations in the backward).

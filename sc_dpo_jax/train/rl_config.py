@@ -53,7 +53,7 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       tiny=tiny,                             # a random tiny pipeline made in memory (models.tiny)
       architecture=variant,                  # UNet/text shapes for `python -m sc_dpo_jax.bench` (random weights)
       dtype="float32" if tiny else "bfloat16",   # compute dtype of the pipeline; parameters stay float32
-      attention="reference" if tiny else "cudnn",
+      attention="reference" if tiny else "auto",   # auto: cuDNN flash on NVIDIA GPUs where it runs, else XLA
       remat_policy=config_dict.placeholder(str),   # e.g. "nothing_saveable" (jax.checkpoint_policies)
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
