@@ -150,9 +150,10 @@ class Checkpointer:
       raise FileNotFoundError(f"{self.directory / str(step)} has no readable metadata for its train state")
     saved = _shapes(metadata)
     wanted = _shapes(abstract_state)
-    missing = sorted(set(wanted) - set(saved))
-    unexpected = sorted(set(saved) - set(wanted))
-    reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    order = lambda k: (not k.startswith("params"), k)      # the parameters first: they say the most
+    missing = sorted(set(wanted) - set(saved), key=order)
+    unexpected = sorted(set(saved) - set(wanted), key=order)
+    reshaped = sorted((k for k in set(saved) & set(wanted) if saved[k] != wanted[k]), key=order)
     if not (missing or unexpected or reshaped):
       return
     where = self.directory / str(step)
@@ -179,11 +180,10 @@ class Checkpointer:
     (method, model, LoRA...), unless ``allow_changes``: :class:`IncompatibleCheckpoint` otherwise. A checkpoint
     that cannot be read (a corrupted or truncated file) is moved to ``<directory>.corrupt/<step>``, with a
     warning that says so, and the next older one is tried."""
-    steps = sorted(self.all_steps(), reverse=True)
-    if steps and config is not None:
-      check_same_run(self.saved_config_or_none(steps[0]), config, keys=same_run_keys, allow_changes=allow_changes,
-                     where=self.directory / str(steps[0]))
-    for step in steps:
+    for step in sorted(self.all_steps(), reverse=True):
+      if config is not None:
+        check_same_run(self.saved_config_or_none(step), config, keys=same_run_keys, allow_changes=allow_changes,
+                       where=self.directory / str(step))
       try:
         return self.restore(step, abstract_state=abstract_state, abstract_rng=abstract_rng)
       except IncompatibleCheckpoint:

@@ -46,3 +46,48 @@ def test_fresh_directory_restores_nothing(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "none"))
   assert ckpt.restore_latest(abstract_state=None, abstract_rng=jax.random.PRNGKey(0)) is None
   ckpt.close()
+
+
+def _save_two(directory):
+  ckpt = checkpoint.Checkpointer(str(directory), keep=3)
+  rng = jax.random.PRNGKey(5)
+  for step in (1, 2):
+    ckpt.save(step, state=_state(step), rng=rng, data_state=_data_state(step), config={"objective": {"method": "duo"}})
+  ckpt.wait()
+  return ckpt, rng
+
+
+def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_restored(tmp_path):
+  import os
+  ckpt, rng = _save_two(tmp_path / "ckpt")
+  data = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "ckpt" / "2" / "state") for f in files
+          if os.sep + "d" + os.sep in os.path.join(d, f)]
+  assert data
+  for path in data:
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      byte = f.read(1)
+      f.seek(-1, os.SEEK_CUR)
+      f.write(bytes([byte[0] ^ 0xFF]))
+  restored = ckpt.restore_latest(abstract_state=jax.eval_shape(lambda: _state(0)), abstract_rng=rng)
+  assert restored.step == 1 and restored.data_state == _data_state(1)
+  assert ckpt.all_steps() == [1]
+  assert (tmp_path / "ckpt.corrupt" / "2").is_dir()
+  ckpt.close()
+
+
+def test_another_runs_checkpoint_is_refused_naming_the_key_or_the_arrays(tmp_path):
+  import pytest
+  ckpt, rng = _save_two(tmp_path / "ckpt")
+  abstract = jax.eval_shape(lambda: _state(0))
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match="objective.method = 'duo' in the checkpoint, 'sc_dpo'"):
+    ckpt.restore_latest(abstract_state=abstract, abstract_rng=rng, config={"objective": {"method": "sc_dpo"}})
+  restored = ckpt.restore_latest(abstract_state=abstract, abstract_rng=rng, config={"objective": {"method": "sc_dpo"}},
+                                 allow_changes=True)
+  assert restored.step == 2
+  other = jax.eval_shape(lambda: TrainState.create(params={"dense": {"kernel": jnp.zeros((4, 5))}},
+                                                   tx=optax.adamw(1e-3)))
+  with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"params.dense.kernel \(4, 3\) in the checkpoint"):
+    ckpt.restore_latest(abstract_state=other, abstract_rng=rng)
+  assert ckpt.all_steps() == [1, 2]          # a mismatch is not damage: nothing set aside
+  ckpt.close()
