@@ -147,17 +147,14 @@ def make_prepare(pipe, spec: schema.RecordSpec, method: str):
   return prepare
 
 
-def make_train_step(pipe, spec, objective):
-  """The pure step ``(state, frozen, batch, rng) -> (state, metrics)`` the loop jits: batch preparation, the
-  method's update, and the NaN guard. The rng is folded with the step, as ``dpo_steps`` does."""
-  dpo = dpo_steps.make_dpo_step(pipe.unet, pipe.schedule, objective).fn
+def make_train_step(pipe, spec, objective, *, grad_accum_steps: int = 1, data_parallel: int = 1):
+  """The pure step ``(state, frozen, batch, rng) -> (state, metrics)`` the loop jits: batch preparation (VAE and
+  text encoder, run per micro-batch inside ``dpo_steps`` so that ``grad_accum_steps`` micro-batches keep one
+  micro-batch's activations in memory), the method's update, and the NaN guard."""
   prepare = make_prepare(pipe, spec, objective.method)
-
-  def step(state, frozen, batch, rng):
-    prepped = prepare(frozen, batch, jax.random.fold_in(jax.random.fold_in(rng, state.step), 0x5eed))
-    return dpo(state, frozen, prepped, rng)
-
-  return guard.skip_nonfinite(step)
+  return guard.skip_nonfinite(dpo_steps.make_dpo_step(
+      pipe.unet, pipe.schedule, objective, grad_accum_steps=grad_accum_steps, data_parallel=data_parallel,
+      prepare=prepare).fn)
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -169,6 +166,9 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   workdir = paths.resolve(workdir)
   objective = dpo_steps.resolve_config(c.objective)
   mesh = parallel.make_mesh(c.mesh.to_dict())
+  data_parallel = int(mesh.shape["data"] * mesh.shape["fsdp"])
+  accum = int(c.train.grad_accum_steps)
+  dpo_steps.check_batch_split(int(c.data.batch_size), accum, data_parallel)    # fails before models load
   logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
   pipe = load_models(c, workdir)
   it = open_data(c, workdir, pipe)
@@ -196,7 +196,8 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
       pipe.params["unet"], tx, lr_schedule, mesh=mesh, param_specs=parallel.module_logical_specs(pipe.unet),
       rules=rules, min_shard_size=c.min_shard_size, lora=lora, rng=jax.random.fold_in(rng, 1),
       ref_dtype=ref_dtype, empty_text=empty_text, frozen_extra=extra)
-  step = parallel.make_sharded_step(make_train_step(pipe, spec, objective), shardings)
+  step = parallel.make_sharded_step(
+      make_train_step(pipe, spec, objective, grad_accum_steps=accum, data_parallel=data_parallel), shardings)
 
   # Resume.
   ckpt = harness.open_checkpoints(c, workdir)

@@ -238,3 +238,27 @@ def test_relative_workdir_and_tiny_with_a_model_path(uninterrupted, tmp_path):
   assert (tmp_path / "workdir" / "x" / "export" / "unet").is_dir()
   result = _run([*cmd[:5], "--config.model.path=/models/sd15"], cache, status=1, cwd=tmp_path)
   assert "config.model.tiny" in result.stderr and "config.model.path" in result.stderr, result.stderr[-3000:]
+
+
+def test_gradient_accumulation_through_main(uninterrupted):
+  """``train.grad_accum_steps=2`` trains the tiny run (each update over 8 pairs as 2 micro-batches); a batch
+  the micro-batches cannot split evenly is refused before anything is built, naming the keys. The update equals
+  one pass's up to float32 rounding for the same inputs (tests/train/test_grad_accum.py); here the VAE encodes
+  the images inside each micro-batch, drawing its posterior samples from that micro-batch's rng, so the run is
+  another draw of the same training, not the one-pass run's numbers."""
+  root, cache, reference = uninterrupted
+  workdir = root / "accumulated"
+  _run(_command(workdir, "configs/diffusion_dpo.py:tiny", "--config.train.grad_accum_steps=2",
+                "--config.train.eval_prompts=()"), cache)
+  summary = _summary(workdir)
+  assert summary["final_step"] == STEPS and summary["skipped_updates"] == 0
+  from safetensors.numpy import load_file
+  ours = load_file(os.path.join(workdir, "export", "unet", "diffusion_pytorch_model.safetensors"))
+  one_pass = load_file(os.path.join(reference, "export", "unet", "diffusion_pytorch_model.safetensors"))
+  base = load_file(os.path.join(workdir, "base_model", "unet", "diffusion_pytorch_model.safetensors"))
+  moved = max(float(np.abs(ours[k] - base[k]).max()) for k in ours)
+  moved_one_pass = max(float(np.abs(one_pass[k] - base[k]).max()) for k in ours)
+  assert 0.2 * moved_one_pass < moved < 5 * moved_one_pass, (moved, moved_one_pass)   # an update of the same size
+  result = _run(_command(root / "bad_split", "configs/diffusion_dpo.py:tiny", "--config.train.grad_accum_steps=3"),
+                cache, status=1)
+  assert "config.data.batch_size" in result.stderr and "config.train.grad_accum_steps" in result.stderr
