@@ -1,16 +1,7 @@
-"""The SC-DPO safety cost model, C(x) = g(normalize(CLIP_image(x))) (this project's formulation, METHODS.md):
-a frozen CLIP vision tower and an MLP adapter trained with ranking + alpha * cost anchoring on a pair dataset.
-The export (<workdir>/export) is what rewards.cost_model.load_cost_model and CostReward read.
+"""``--config=configs/cost_model.py`` in a checkout: the config ships with the package as
+``sc_dpo_jax/configs/cost_model.py`` (installed: ``--config=$(python -m sc_dpo_jax.configs)/cost_model.py``); its
+docstring, with the commands, is this one's."""
+from sc_dpo_jax.configs import cost_model as _shipped
 
-  python -m sc_dpo_jax.main --config=configs/cost_model.py:tiny --workdir=workdir/cost_model
-  python -m sc_dpo_jax.main --config=configs/cost_model.py:sd15 --workdir=workdir/cost_model_sd15 \\
-      --config.model.clip_folder=/models/clip-vit-large-patch14 --config.data.train=data/scp_pairs
-
-Variants: tiny (a random tiny CLIP and synthetic pairs in the workdir), sd15 (CLIP ViT-L/14; model.clip_folder
-and data.train required). Every key and the labelling rule: sc_dpo_jax/train/cost_loop.py.
-"""
-from sc_dpo_jax.train.cost_loop import cost_model_config
-
-
-def get_config(variant="tiny"):
-  return cost_model_config(variant)
+__doc__ = _shipped.__doc__
+get_config = _shipped.get_config

@@ -1,0 +1,16 @@
+"""The SC-DPO safety cost model, C(x) = g(normalize(CLIP_image(x))) (this project's formulation, METHODS.md):
+a frozen CLIP vision tower and an MLP adapter trained with ranking + alpha * cost anchoring on a pair dataset.
+The export (<workdir>/export) is what rewards.cost_model.load_cost_model and CostReward read.
+
+  python -m sc_dpo_jax.main --config=configs/cost_model.py:tiny --workdir=workdir/cost_model
+  python -m sc_dpo_jax.main --config=configs/cost_model.py:sd15 --workdir=workdir/cost_model_sd15 \\
+      --config.model.clip_folder=/models/clip-vit-large-patch14 --config.data.train=data/scp_pairs
+
+Variants: tiny (a random tiny CLIP and synthetic pairs in the workdir), sd15 (CLIP ViT-L/14; model.clip_folder
+and data.train required). Every key and the labelling rule: sc_dpo_jax/train/cost_loop.py.
+"""
+from sc_dpo_jax.train.cost_loop import cost_model_config
+
+
+def get_config(variant="tiny"):
+  return cost_model_config(variant)
