@@ -57,18 +57,23 @@ def _save_two(directory):
   return ckpt, rng
 
 
-def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_restored(tmp_path):
+def damage_arrays(step_dir):
+  """Flips a byte in the middle of every array data file of the checkpoint folder ``step_dir``."""
   import os
-  ckpt, rng = _save_two(tmp_path / "ckpt")
-  data = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "ckpt" / "2" / "state") for f in files
+  data = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(step_dir, "state")) for f in files
           if os.sep + "d" + os.sep in os.path.join(d, f)]
-  assert data
+  assert data, f"no array data files under {step_dir}"
   for path in data:
     with open(path, "r+b") as f:
       f.seek(os.path.getsize(path) // 2)
       byte = f.read(1)
       f.seek(-1, os.SEEK_CUR)
       f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_damaged_latest_checkpoint_is_set_aside_and_the_previous_restored(tmp_path):
+  ckpt, rng = _save_two(tmp_path / "ckpt")
+  damage_arrays(tmp_path / "ckpt" / "2")
   restored = ckpt.restore_latest(abstract_state=jax.eval_shape(lambda: _state(0)), abstract_rng=rng)
   assert restored.step == 1 and restored.data_state == _data_state(1)
   assert ckpt.all_steps() == [1]

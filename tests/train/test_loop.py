@@ -176,15 +176,8 @@ def test_corrupted_latest_checkpoint_falls_back_and_metrics_are_not_doubled(unin
   logs steps 4-6 once (the first run's lines after step 3 are dropped), and ends bit-identical."""
   root, cache, reference = uninterrupted
   workdir = _copy_run(reference, root / "corrupted")
-  data_files = [os.path.join(d, f) for d, _, files in os.walk(workdir / "checkpoints" / "6" / "state")
-                for f in files if os.sep + "d" + os.sep in os.path.join(d, f)]
-  assert data_files, "no array data files found under the checkpoint"
-  for path in data_files:
-    with open(path, "r+b") as f:
-      f.seek(os.path.getsize(path) // 2)
-      byte = f.read(1)
-      f.seek(-1, os.SEEK_CUR)
-      f.write(bytes([byte[0] ^ 0xFF]))
+  from tests.train.test_checkpoint import damage_arrays
+  damage_arrays(workdir / "checkpoints" / "6")
   result = _run(_command(workdir), cache)
   assert "cannot be read" in result.stderr and "moved it to" in result.stderr, result.stderr[-3000:]
   assert "Event loop is closed" not in result.stderr
