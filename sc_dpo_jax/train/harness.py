@@ -76,7 +76,8 @@ def saves_finished(ckpt: checkpoint_lib.Checkpointer, writer: metrics_lib.Metric
 
 
 def stop_fields(stop_signal) -> Dict[str, Any]:
-  """``stopped_by_signal`` and ``stop_signal`` (the name) of a loop's ``StopSignal``."""
+  """``{"stop_signal": name}``: the signal this process received (``"SIGTERM"``), or None (none, or another
+  process of the job received it); the trainers' summaries carry it beside ``stopped_by_signal``."""
   received = stop_signal.received
   return {"stop_signal": signal.Signals(received).name if received else None}
 
