@@ -39,8 +39,6 @@ an optional name); loading checks that the given CLIP produces embeddings of tha
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import flax.linen as nn
@@ -48,7 +46,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import safetensors.numpy
 from flax import struct, traverse_util
 from flax.training import train_state
 
@@ -57,6 +54,7 @@ from sc_dpo_jax.models.clip import CLIPVisionModel, activation
 from sc_dpo_jax.models.clip_config import ACTIVATIONS
 from sc_dpo_jax.models.clip_io import load_clip_vision
 from sc_dpo_jax.models.io import read_json
+from sc_dpo_jax.models import storage
 from sc_dpo_jax.models.layers import dense
 from sc_dpo_jax.models.weights import CheckpointMismatchError
 from sc_dpo_jax.rewards.clip_preprocess import CLIP_MEAN, CLIP_STD, preprocess
@@ -305,7 +303,8 @@ def _clip_signature(clip: CLIPVisionModel) -> Dict[str, Any]:
 
 def save_cost_model(folder: str, model: SafetyCostModel, adapter_params: Mapping, *,
                     clip_name: Optional[str] = None) -> None:
-  """Writes ``folder/adapter.safetensors`` and ``folder/cost_model.json`` (the CLIP weights are not saved).
+  """Writes ``folder/adapter.safetensors`` and ``folder/cost_model.json`` (the CLIP weights are not saved);
+  ``folder`` is local (relative or absolute) or a URI (``gs://``, through ``etils.epath``).
 
   ``clip_name`` (default ``model.clip_name``) records which CLIP the adapter belongs to.
   """
@@ -315,16 +314,15 @@ def save_cost_model(folder: str, model: SafetyCostModel, adapter_params: Mapping
   if got != expected:
     raise CheckpointMismatchError(f"save_cost_model: adapter_params do not fit the model's adapter: "
                                   f"{_describe_mismatch(expected, got)}")
-  os.makedirs(folder, exist_ok=True)
-  safetensors.numpy.save_file({k: np.asarray(v) for k, v in flat.items()}, os.path.join(folder, WEIGHTS_NAME),
-                              metadata={"format": "flax"})
+  storage.makedirs(folder)
+  storage.write_safetensors(storage.join(folder, WEIGHTS_NAME), {k: np.asarray(v) for k, v in flat.items()},
+                            metadata={"format": "flax"})
   config = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": model.adapter.config_dict(),
             "embedding_dim": model.embed_dim,
             "clip": {"name": clip_name if clip_name is not None else model.clip_name,
                      **_clip_signature(model.clip)},
             "preprocess": {"image_size": model.image_size, "mean": list(model.mean), "std": list(model.std)}}
-  with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-    json.dump(config, f, indent=2)
+  storage.write_json(storage.join(folder, CONFIG_NAME), config)
 
 
 def load_cost_model(folder: str, clip_folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -333,10 +331,11 @@ def load_cost_model(folder: str, clip_folder: str, *, dtype=jnp.float32, param_d
 
   Returns ``(model, params)`` with ``params = {"clip": ..., "adapter": ...}`` for ``model.cost``.
   Raises ``ValueError`` when the CLIP's embedding dimension (``projection_dim``) or architecture is not the one
-  the adapter was trained on, and ``CheckpointMismatchError`` when the weights do not fit the config.
+  the adapter was trained on, and ``CheckpointMismatchError`` when the weights do not fit the config. Both
+  folders may be local or URIs (``gs://``).
   ``dtype``, ``param_dtype`` and ``attention`` apply to CLIP (as ``models.load_clip_vision``).
   """
-  config_path = os.path.join(folder, CONFIG_NAME)
+  config_path = storage.join(folder, CONFIG_NAME)
   config = read_json(config_path)
   if config.get("format") != FORMAT:
     raise ValueError(f"{config_path} is not a safety cost model config ('format' = {config.get('format')!r}, "
@@ -369,10 +368,10 @@ def load_cost_model(folder: str, clip_folder: str, *, dtype=jnp.float32, param_d
     raise ValueError(f"the CLIP in {clip_folder} is not the architecture the cost model in {folder} was trained "
                      f"on ({expected_clip.get('name') or 'unnamed'}): {listed}")
 
-  weights_path = os.path.join(folder, WEIGHTS_NAME)
-  if not os.path.isfile(weights_path):
+  weights_path = storage.join(folder, WEIGHTS_NAME)
+  if not storage.is_file(weights_path):
     raise FileNotFoundError(f"{weights_path} does not exist")
-  flat = safetensors.numpy.load_file(weights_path)
+  flat = storage.read_safetensors(weights_path)
   expected = _expected_shapes(adapter, dim)
   got = {k: tuple(v.shape) for k, v in flat.items()}
   if got != expected:

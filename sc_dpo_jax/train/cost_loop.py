@@ -52,14 +52,28 @@ What :func:`train_cost_model` does, in order:
    ``load_cost_model(export, clip_folder)`` and ``CostReward`` read.
 
 Returns a summary dict (also ``<workdir>/summary.json``) with the final held-out accuracies.
-One process only: the adapter is a few hundred thousand parameters on precomputed embeddings.
+
+**Several processes** (a pod launch runs the same command on every host): every process trains the same
+adapter on the same data, its state host-local on the process's first device (the adapter is a few hundred
+thousand parameters on precomputed embeddings: there is nothing to shard). Everything written is written
+once, by process 0, while the others wait at a barrier (``train.loop.barrier``): the tiny CLIP folder and the
+synthetic pairs (then read by all), the embeddings cache (process 0 computes or reuses it; the others read the
+very same file, so every process trains on identical embeddings), the checkpoints (the state is saved as host
+numpy arrays, which Orbax writes from its primary host; a resumed run puts the restored arrays back on its
+device), the metrics, ``summary.json`` and the export. So the workdir must be one that every process sees: a
+bucket (``gs://``) or a shared filesystem, as the checkpoints of any multi-process run need. At each
+checkpoint the processes compare a digest of their state and log a warning if one differs from process 0's
+(the checkpoint and export hold process 0's). Workdir files go through ``etils.epath``
+(``sc_dpo_jax.paths``), so ``--workdir=gs://bucket/run`` works, given ``data.train``: a tiny run's synthetic
+pairs are written with local files only.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
-import shutil
 import time
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -78,6 +92,7 @@ from sc_dpo_jax.models.random_init import host_random_params
 from sc_dpo_jax.rewards import cost_model as cost_lib
 from sc_dpo_jax import paths
 from sc_dpo_jax.train import guard, harness, optim
+from sc_dpo_jax.train.loop import barrier
 from sc_dpo_jax.train.preemption import StopSignal
 
 VARIANTS = ("tiny", "sd15")
@@ -358,43 +373,52 @@ def evaluate(cost_fn, adapter_params, data: Labelled, alpha: float, prefix: str 
 # -- CLIP and data ------------------------------------------------------------------------------------------------
 
 
-def load_clip(config: ml_collections.ConfigDict, workdir: str) -> Tuple[CLIPVisionModel, Any, str]:
+def load_clip(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> Tuple[CLIPVisionModel, Any, str]:
   """``(clip, clip_params, clip_folder)``: ``model.clip_folder``, or for a tiny run without one a random tiny
-  tower written once to ``<workdir>/clip`` (so the export loads with ``load_cost_model(export, that folder)``)."""
+  tower written once to ``<workdir>/clip`` by process 0 (so the export loads with ``load_cost_model(export, that
+  folder)``), which every process then loads. ``clip_folder`` is absolute (or a URI)."""
   m = config.model
   if m.clip_folder:
-    folder = m.clip_folder
+    folder = paths.resolve(m.clip_folder)
   elif m.tiny:
-    folder = os.path.join(workdir, "clip")
-    if not os.path.exists(os.path.join(folder, "config.json")):
+    folder = paths.resolve(workdir) / "clip"
+    # save_clip_vision writes config.json after the weights: a folder without it is an interrupted first
+    # run's, written again over (the tower is a function of the seed, so the same bytes).
+    if jax.process_index() == 0 and not (folder / "config.json").exists():
       clip = CLIPVisionModel(tiny_vision_config(), with_projection=True)
-      tmp = folder + ".tmp"
-      shutil.rmtree(tmp, ignore_errors=True)
-      save_clip_vision(tmp, clip, host_random_params(clip, seed=int(config.seed)))
-      shutil.rmtree(folder, ignore_errors=True)     # an incomplete folder of an interrupted first run
-      os.replace(tmp, folder)
+      save_clip_vision(str(folder), clip, host_random_params(clip, seed=int(config.seed)))
+    barrier("cost model: tiny CLIP")
   else:
     raise ValueError("config.model.clip_folder is empty: set --config.model.clip_folder to a CLIP vision folder "
                      "with projection (transformers CLIPVisionModelWithProjection or CLIPModel, e.g. "
                      "openai/clip-vit-large-patch14), or use the :tiny variant")
-  clip, params = load_clip_vision(folder, dtype=jnp.dtype(m.dtype), attention=m.attention)
+  clip, params = load_clip_vision(str(folder), dtype=jnp.dtype(m.dtype), attention=m.attention)
   if not clip.with_projection:
     raise ValueError(f"{folder} (config.model.clip_folder) holds a CLIP vision tower without visual_projection; "
                      f"the cost model needs projected image embeddings: use a CLIPVisionModelWithProjection or "
                      f"CLIPModel folder")
-  return clip, params, os.path.abspath(folder)
+  return clip, params, str(folder)
 
 
-def open_sources(config: ml_collections.ConfigDict, workdir: str, resolution: int):
-  """``(train source, eval source or None)``; a tiny run without ``data.train`` writes the synthetic pairs."""
+def open_sources(config: ml_collections.ConfigDict, workdir: paths.PathLike, resolution: int):
+  """``(train source, eval source or None)``; a tiny run without ``data.train`` has process 0 write the
+  synthetic pairs to ``<workdir>/data/synthetic_pairs`` (local workdirs only), which every process then reads."""
   d = config.data
   if d.train:
     train = records.open_source(d.train, split=d.split)
     where = d.train
   elif config.model.tiny:
-    folder = os.path.join(workdir, "data", "synthetic_pairs")
-    train = synthetic.write_synthetic_pairs(folder, num_pairs=int(d.synthetic_pairs), resolution=resolution,
-                                            seed=int(config.seed))
+    root = paths.resolve(workdir)
+    if paths.is_uri(root):
+      raise ValueError(f"config.data.train is empty and the workdir is {root}: a tiny run writes its synthetic "
+                       f"pairs with local files only. Set --config.data.train to a local pair dataset folder, or "
+                       f"use a local workdir")
+    folder = str(root / "data" / "synthetic_pairs")
+    if jax.process_index() == 0:
+      synthetic.write_synthetic_pairs(folder, num_pairs=int(d.synthetic_pairs), resolution=resolution,
+                                      seed=int(config.seed))
+    barrier("cost model: synthetic pairs")
+    train = records.open_source(folder)
     where = folder
   else:
     raise ValueError("config.data.train is empty: set --config.data.train to a pair dataset folder "
@@ -446,24 +470,57 @@ def embed_pairs(model: cost_lib.SafetyCostModel, clip_params, source: records.So
   return pairs, it.bad_records
 
 
-def cached_embeddings(path: str, fingerprint: Mapping[str, Any], compute) -> Tuple[PairSet, Dict[str, Any]]:
+def read_embeddings(path: paths.PathLike, fingerprint: Mapping[str, Any]) -> Optional[Tuple[PairSet, int]]:
+  """``(pairs, bad_records)`` of the cache file ``path`` (local or a URI) when it exists and was made with
+  ``fingerprint``, else None."""
+  path = paths.resolve(path)
+  if not path.exists():
+    return None
+  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as z:
+    if str(z["fingerprint"]) != json.dumps(dict(fingerprint), sort_keys=True):
+      logging.info("%s was made from other data or another CLIP", path)
+      return None
+    return PairSet(**{k: z[k] for k in z.files if k not in ("fingerprint", "bad_records")}), int(z["bad_records"])
+
+
+def cached_embeddings(path: paths.PathLike, fingerprint: Mapping[str, Any],
+                      compute) -> Tuple[PairSet, Dict[str, Any]]:
   """The :class:`PairSet` in ``path`` when it was made with the same ``fingerprint``, else ``compute()``'s,
-  written atomically to ``path``. Returns ``(pairs, info)`` (info: cached, bad_records, seconds)."""
-  want = json.dumps(dict(fingerprint), sort_keys=True)
-  if os.path.exists(path):
-    with np.load(path, allow_pickle=False) as z:
-      if str(z["fingerprint"]) == want:
-        pairs = PairSet(**{k: z[k] for k in z.files if k not in ("fingerprint", "bad_records")})
-        return pairs, {"cached": True, "bad_records": int(z["bad_records"]), "seconds": 0.0}
-    logging.info("%s was made from other data or another CLIP; embedding again", path)
+  written to ``path`` (local: through a temporary file renamed into place; a URI: one object written whole).
+  Returns ``(pairs, info)`` (info: cached, bad_records, seconds)."""
+  path = paths.resolve(path)
+  found = read_embeddings(path, fingerprint)
+  if found is not None:
+    return found[0], {"cached": True, "bad_records": found[1], "seconds": 0.0}
   t0 = time.time()
   pairs, bad = compute()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, fingerprint=np.array(want), bad_records=np.array(bad), **pairs.arrays())
-  os.replace(tmp, path)
+  buffer = io.BytesIO()
+  np.savez(buffer, fingerprint=np.array(json.dumps(dict(fingerprint), sort_keys=True)), bad_records=np.array(bad),
+           **pairs.arrays())
+  if paths.is_uri(path):
+    paths.write_bytes(path, buffer.getvalue())
+  else:
+    tmp = paths.write_bytes(path.parent / (path.name + ".tmp"), buffer.getvalue())
+    tmp.replace(path)
   return pairs, {"cached": False, "bad_records": int(bad), "seconds": round(time.time() - t0, 2)}
+
+
+def shared_embeddings(path: paths.PathLike, fingerprint: Mapping[str, Any],
+                      compute) -> Tuple[PairSet, Dict[str, Any]]:
+  """:func:`cached_embeddings` on process 0; the other processes wait for it at a barrier and read the file it
+  wrote or reused, so every process trains on the same embeddings. One process: ``cached_embeddings``."""
+  if jax.process_index() == 0:
+    out = cached_embeddings(path, fingerprint, compute)
+  barrier(f"cost model: embeddings {path}")
+  if jax.process_index() == 0:
+    return out
+  found = read_embeddings(path, fingerprint)
+  if found is None:
+    raise FileNotFoundError(
+        f"process {jax.process_index()} cannot read the embeddings process 0 wrote to {path} (missing, or made "
+        f"from other data or another CLIP): the workdir must be one every process sees, a gs:// bucket or a "
+        f"shared filesystem (the checkpoints need that too); set --workdir accordingly")
+  return found[0], {"cached": True, "bad_records": found[1], "seconds": 0.0}
 
 
 def _clip_signature(clip: CLIPVisionModel) -> Dict[str, int]:
@@ -508,18 +565,20 @@ def check_resume_config(saved: Mapping[str, Any], current: Mapping[str, Any], di
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
-def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def train_cost_model(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> Dict[str, Any]:
+  """Trains the safety cost model's adapter as the module docstring says; every process of a multi-process job
+  calls it. Returns the summary (process 0's, the one in ``<workdir>/summary.json``)."""
   t_start = time.time()
   c = config
-  if jax.process_count() > 1:
-    raise ValueError(f"the cost-model trainer runs in one process ({jax.process_count()} started): its adapter "
-                     f"trains on precomputed CLIP embeddings; launch it on one host")
-  progress = bool(c.train.progress)
-  clip, clip_params, clip_folder = load_clip(c, workdir)
+  root = paths.resolve(workdir)         # local made absolute once; gs:// as it is
+  primary = jax.process_index() == 0
+  device = jax.local_devices()[0]       # the adapter's state lives here, on every process alike
+  progress = bool(c.train.progress) and primary
+  clip, clip_params, clip_folder = load_clip(c, root)
   adapter = cost_lib.CostAdapter(hidden_sizes=tuple(c.model.hidden_sizes), activation=c.model.activation)
   model = cost_lib.SafetyCostModel(clip, adapter, clip_name=c.model.clip_name or clip_folder)
   resolution = int(c.data.resolution) or model.image_size
-  train_source, eval_source = open_sources(c, workdir, resolution)
+  train_source, eval_source = open_sources(c, root, resolution)
 
   # Embeddings, once (CLIP is frozen).
   def embeddings(source, name):
@@ -534,7 +593,7 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
                          seed=int(c.seed), skip_bad_records=bool(c.data.skip_bad_records), desc=f"embed {name}",
                          progress=progress)
 
-    return cached_embeddings(os.path.join(workdir, "embeddings", f"{name}.npz"), fingerprint, compute)
+    return shared_embeddings(root / "embeddings" / f"{name}.npz", fingerprint, compute)
 
   all_train, train_info = embeddings(train_source, "train")
   if eval_source is not None:
@@ -572,29 +631,35 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   tx, lr_schedule = optim.make_optimizer(c.optim)
   logging.info("optimizer: %s", optim.describe(c.optim))
   rng = jax.random.PRNGKey(int(c.seed))
-  state = cost_lib.create_cost_train_state(model, jax.random.fold_in(rng, 1), anchor_weight=float(c.loss.alpha),
-                                           tx=tx)
+  state = jax.device_put(cost_lib.create_cost_train_state(model, jax.random.fold_in(rng, 1),
+                                                          anchor_weight=float(c.loss.alpha), tx=tx), device)
   step_fn = jax.jit(guard.skip_nonfinite(cost_lib.cost_train_step), donate_argnums=(0,))
   cost_fn = jax.jit(model.cost_from_embeddings)
   alpha = float(c.loss.alpha)
 
   # Resume.
   config_json = harness.config_dict(c)
-  ckpt = harness.open_checkpoints(c, workdir)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  # The state is checkpointed as host numpy arrays (save, below), which Orbax writes from process 0 alone; a
+  # host-local jax.Array held by several processes could not be saved. Restored as numpy, put back on `device`.
+  ckpt = harness.open_checkpoints(c, root)
   latest = ckpt.latest_step()
   if latest is not None:
     check_resume_config(ckpt.saved_config(latest), config_json, ckpt.directory)
-  restored = harness.resume(ckpt, c, abstract_state=abstract, rng=rng)
+  restored = harness.resume(ckpt, c, abstract_state=jax.device_get(state), rng=rng)
   if restored is not None:
-    state, rng = restored.state, restored.rng
+    state, rng = jax.device_put((restored.state, restored.rng), device)
   start_step = int(state.step)
 
-  writer = harness.open_metrics(c, workdir, start_step)
+  def save(step: int) -> None:
+    host_state = jax.device_get(state)
+    check_same_state(host_state, step)
+    ckpt.save(step, state=host_state, rng=rng, data_state=None, config=config_json)
+
+  writer = harness.open_metrics(c, root, start_step)
   counter = guard.NonFiniteCounter(int(c.train.max_nonfinite_in_a_row))
   steps = int(c.train.steps)
   summary: Dict[str, Any] = {
-      "workdir": os.path.abspath(workdir), "clip_folder": clip_folder, "start_step": start_step,
+      "workdir": str(root), "clip_folder": clip_folder, "start_step": start_step,
       "labels": {"rank_by": rank_by, "anchor_by": anchor_by, "min_cost_gap": float(c.labels.min_cost_gap),
                  "harmful_above": float(c.labels.harmful_above), "safe_below": float(c.labels.safe_below)},
       "train_data": {**counts, "embeddings": train_info},
@@ -638,7 +703,7 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
       if record:
         writer.write(step_index, record)
       if step_index % int(c.train.checkpoint_every) == 0 or last or stopped_by_signal:
-        ckpt.save(step_index, state=state, rng=rng, data_state=None, config=config_json)
+        save(step_index)
       if stopped_by_signal:
         logging.warning("stopped by a signal after step %d; checkpoint saved, rerun to resume", step_index)
         break
@@ -650,13 +715,42 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: str) -> Dict[st
   if eval_data is not None:
     summary["eval_final"] = last_eval
   if not stopped_by_signal and c.train.export:
-    folder = os.path.join(workdir, "export")
-    cost_lib.save_cost_model(folder, model, jax.device_get(state.params))
-    summary["export"] = os.path.abspath(folder)
+    folder = root / "export"
+    if primary:
+      cost_lib.save_cost_model(str(folder), model, jax.device_get(state.params))
+    summary["export"] = str(folder)
   writer.close()
   summary["wall_s"] = round(time.time() - t_start, 2)
-  paths.write_json(paths.resolve(workdir) / "summary.json", summary)
+  if primary:
+    paths.write_json(root / "summary.json", summary)
+  barrier("cost model: summary and export")
   return summary
+
+
+def state_digest(host_state: Any) -> np.ndarray:
+  """SHA-256 of every array of ``host_state`` (names, dtypes, shapes and bytes) as 32 uint8s."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(host_state)[0]:
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};".encode())
+    digest.update(leaf.tobytes())
+  return np.frombuffer(digest.digest(), np.uint8)
+
+
+def check_same_state(host_state: Any, step: int) -> bool:
+  """Several processes: whether every process holds the same train state as process 0 (a collective: all
+  call it); a difference is logged as a warning naming the processes (the checkpoint and export hold process
+  0's). True with one process."""
+  if jax.process_count() == 1:
+    return True
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  digests = np.asarray(multihost_utils.process_allgather(state_digest(host_state))).reshape(jax.process_count(), -1)
+  differing = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+  if differing:
+    logging.warning("step %d: the cost-model train state of process(es) %s differs from process 0's, although "
+                    "every process trains on the same embeddings and batches (a nondeterministic device "
+                    "computation?); the checkpoint and the export hold process 0's", step, differing)
+  return not differing
 
 
 def _drain(window, counter: guard.NonFiniteCounter):
