@@ -6,7 +6,8 @@
 Any key can be overridden, including each method's whole trainer config, e.g.
 ``--config.methods=sc_dpo,duo --config.sc_dpo.train.steps=400 --config.world.unsafe=blue`` (another unsafe
 colour needs a base model that was pretrained with it: the shipped one knows every colour, so any works).
-Keys and defaults: ``sc_dpo_jax/toy/config.py``; stages: ``sc_dpo_jax/toy/demo.py`` and ``README.md`` for what the report holds.
+Keys and defaults: ``sc_dpo_jax/toy/config.py``; stages: ``sc_dpo_jax/toy/demo.py`` and ``README.md`` for
+what the report holds.
 """
 from sc_dpo_jax.toy.config import toy_config
 

@@ -88,6 +88,10 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_pip
   if d.train:
     source = records.open_source(d.train, split=d.split)
   elif config.model.tiny:
+    if paths.is_uri(workdir):
+      raise ValueError(f"config.data.train is empty, so this tiny run would write synthetic pairs into "
+                       f"{workdir}/data, but the record writer writes local folders only: set "
+                       f"--config.data.train to a dataset folder, or use a local workdir")
     folder = str(paths.resolve(workdir) / "data" / "synthetic_pairs")
     if jax.process_index() == 0:
       synthetic.write_synthetic_pairs(folder, num_pairs=int(d.synthetic_pairs), resolution=pipe.default_size,

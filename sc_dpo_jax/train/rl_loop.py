@@ -64,7 +64,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from sc_dpo_jax import models, parallel
+from sc_dpo_jax import models, parallel, paths
 from sc_dpo_jax.data import device as device_lib
 from sc_dpo_jax.data import pipeline as data_pipeline
 from sc_dpo_jax.data import records, schema
@@ -136,6 +136,10 @@ def open_prompts(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_
   if d.train:
     source = records.open_source(d.train, split=d.split)
   elif config.model.tiny:
+    if paths.is_uri(workdir):
+      raise ValueError(f"config.data.train is empty, so this tiny run would write synthetic prompts into "
+                       f"{workdir}/data, but the record writer writes local folders only: set "
+                       f"--config.data.train to a dataset folder, or use a local workdir")
     folder = os.path.join(workdir, "data", "synthetic_prompts")
     if jax.process_index() == 0:
       write_synthetic_prompts(folder, num_prompts=int(d.synthetic_prompts))

@@ -5,9 +5,9 @@ CPU devices in all, data-parallel) training DUO (LoRA) on a one-shard pair datas
 exists the launcher gets SIGTERM: it passes it on, both processes finish the step, save and exit with 143, and
 so does the launcher. The same command then resumes and finishes (0). Its export must equal that of a
 one-process run on four devices that sees the same global batches: each process keeps every second record
-(record-level host shards; a shuffle buffer of 1 keeps the file order), so the two-process global batch ``k`` is records ``8k, 8k+2, .., 8k+6``
-(process 0) then ``8k+1, .., 8k+7`` (process 1); the one-process run reads a copy of the dataset written in
-that order.
+(record-level host shards; a shuffle buffer of 1 keeps the file order), so the two-process global batch ``k``
+is records ``8k, 8k+2, .., 8k+6`` (process 0) then ``8k+1, .., 8k+7`` (process 1); the one-process run reads a
+copy of the dataset written in that order.
 
 Tolerance 1e-5 (absolute, on weights of order 0.1-1): the programs are the same, but the gradient all-reduce
 runs over gloo between processes in one run and inside XLA in the other, so float32 sums may be ordered
