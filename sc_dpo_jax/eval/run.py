@@ -56,6 +56,7 @@ from etils import epath
 from tqdm import tqdm
 
 from sc_dpo_jax import images as images_lib
+from sc_dpo_jax import paths
 from sc_dpo_jax.eval import metrics as metrics_lib
 from sc_dpo_jax.eval import prompts as prompts_lib
 from sc_dpo_jax.eval import report as report_lib
@@ -139,7 +140,7 @@ def _name(model) -> str:
 
 
 def _local(path: PathLike) -> bool:
-  return "://" not in os.fspath(path)
+  return not paths.is_uri(path)
 
 
 def _where(model) -> Optional[str]:

@@ -21,12 +21,12 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 
+from sc_dpo_jax import paths
+
 PathLike = Union[str, os.PathLike]
 
 
-def is_remote(path: PathLike) -> bool:
-  """Whether ``path`` is a URI (``gs://...``) rather than a local path."""
-  return "://" in os.fspath(path)
+is_remote = paths.is_uri        # whether a path is a URI (gs://...) rather than a local path
 
 
 def join(folder: PathLike, *names: str) -> str:
