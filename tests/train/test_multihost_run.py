@@ -51,7 +51,10 @@ def _main_args(workdir, data):
 
 
 def _launch(tmp, workdir, data, processes, log_name):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=FAST_COMPILE)
+  # A persistent compilation cache: the restarted two-process run reuses the first one's programs.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=FAST_COMPILE,
+             JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "--python", sys.executable, "--cpu-devices",
          str(4 // processes)]
   if processes > 1:
