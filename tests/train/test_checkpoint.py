@@ -96,3 +96,21 @@ def test_another_runs_checkpoint_is_refused_naming_the_key_or_the_arrays(tmp_pat
     ckpt.restore_latest(abstract_state=other, abstract_rng=rng)
   assert ckpt.all_steps() == [1, 2]          # a mismatch is not damage: nothing set aside
   ckpt.close()
+
+
+def test_an_error_inside_the_run_waits_for_the_save_in_flight(tmp_path):
+  """The NaN guard's stop (any exception) inside ``harness.saves_finished``: when it propagates, the
+  asynchronous save started just before is complete on disk (not a ``*-tmp`` folder), and the metrics closed."""
+  import os
+  import pytest
+  from sc_dpo_jax.train import guard, harness
+  from sc_dpo_jax.train import metrics as metrics_lib
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=2)
+  writer = metrics_lib.MetricsWriter(tmp_path, tensorboard=False)
+  big = TrainState.create(params={"w": jnp.ones((2048, 4096), jnp.float32)}, tx=optax.adamw(1e-3))   # 100 MB
+  with pytest.raises(guard.NonFiniteError):
+    with harness.saves_finished(ckpt, writer):
+      ckpt.save(1, state=big, rng=jax.random.PRNGKey(0), data_state=None, config={})
+      raise guard.NonFiniteError("5 updates in a row had a non-finite loss")
+  assert os.listdir(tmp_path / "ckpt") == ["1"], os.listdir(tmp_path / "ckpt")
+  assert writer._file is None                    # pylint: disable=protected-access

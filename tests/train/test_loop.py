@@ -171,6 +171,7 @@ def _steps_logged(workdir):
     return [json.loads(line)["step"] for line in f]
 
 
+@pytest.mark.slow   # make test-slow, for time; in make test: test_checkpoint.py (fallback), test_workdir_paths.py (trim)
 def test_corrupted_latest_checkpoint_falls_back_and_metrics_are_not_doubled(uninterrupted):
   """Checkpoint 6's arrays damaged (a flipped byte in every data file): the rerun sets it aside, resumes from 3,
   logs steps 4-6 once (the first run's lines after step 3 are dropped), and ends bit-identical."""
@@ -188,6 +189,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_metrics_are_not_doubled(unin
   assert _unet_bytes(workdir) == _unet_bytes(reference)
 
 
+@pytest.mark.slow   # make test-slow, for time; in make test: test_checkpoint.py (both refusals)
 def test_resuming_with_another_method_or_lora_is_refused_with_the_key(uninterrupted):
   root, cache, reference = uninterrupted
   workdir = _copy_run(reference, root / "other_method")
@@ -205,6 +207,7 @@ def test_resuming_with_another_method_or_lora_is_refused_with_the_key(uninterrup
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]     # nothing set aside or overwritten
 
 
+@pytest.mark.slow   # make test-slow, for time; in make test: test_checkpoint.py (the save in flight)
 def test_nan_guard_stop_waits_for_the_save_and_says_why(uninterrupted):
   """Five non-finite updates in a row stop the run with the guard's message (exit 1); the checkpoint saved at
   the step before is complete, not a ``*-tmp`` folder."""
@@ -233,6 +236,7 @@ def test_relative_workdir_and_tiny_with_a_model_path(uninterrupted, tmp_path):
   assert "config.model.tiny" in result.stderr and "config.model.path" in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow   # make test-slow, for time; in make test: test_grad_accum.py (the step)
 def test_gradient_accumulation_through_main(uninterrupted):
   """``train.grad_accum_steps=2`` trains the tiny run (each update over 8 pairs as 2 micro-batches); a batch
   the micro-batches cannot split evenly is refused before anything is built, naming the keys. The update equals
