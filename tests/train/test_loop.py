@@ -171,7 +171,7 @@ def _steps_logged(workdir):
     return [json.loads(line)["step"] for line in f]
 
 
-@pytest.mark.slow   # make test-slow, for time; in make test: test_checkpoint.py (fallback), test_workdir_paths.py (trim)
+@pytest.mark.slow   # make test-slow, for time; in make test: test_checkpoint.py, test_workdir_paths.py
 def test_corrupted_latest_checkpoint_falls_back_and_metrics_are_not_doubled(uninterrupted):
   """Checkpoint 6's arrays damaged (a flipped byte in every data file): the rerun sets it aside, resumes from 3,
   logs steps 4-6 once (the first run's lines after step 3 are dropped), and ends bit-identical."""
