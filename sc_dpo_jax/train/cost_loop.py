@@ -643,8 +643,9 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: paths.PathLike)
   # host-local jax.Array held by several processes could not be saved. Restored as numpy, put back on `device`.
   ckpt = harness.open_checkpoints(c, root)
   latest = ckpt.latest_step()
-  if latest is not None:
-    check_resume_config(ckpt.saved_config(latest), config_json, ckpt.directory)
+  saved = ckpt.saved_config_or_none(latest) if latest is not None else None    # unreadable: set aside below
+  if saved is not None:
+    check_resume_config(saved, config_json, ckpt.directory)
   restored = harness.resume(ckpt, c, abstract_state=jax.device_get(state), rng=rng)
   if restored is not None:
     state, rng = jax.device_put((restored.state, restored.rng), device)
