@@ -1,10 +1,12 @@
-"""A small synthetic pair dataset, for the tiny configs and the benchmarks of the trainer's plumbing.
+"""Small synthetic datasets, for the tiny configs and the benchmarks of the trainers' plumbing.
 
-    source = write_synthetic_pairs("workdir/data/pairs", num_pairs=64, resolution=16)
+    source = write_synthetic_pairs("workdir/data/pairs", num_pairs=64, resolution=16)     # the DPO trainers'
+    source = write_synthetic_prompts("workdir/data/prompts", num_prompts=12)              # the RL trainer's
 
 Each pair: the chosen image shows a blue shape, the rejected one the same shape in red, on a random
 background, under a prompt naming the shape; costs are 0 (chosen) and 1 (rejected), and every other prompt
-is flagged harmful. It exercises every field of the pair schema through the real writer and reader; it is
+is flagged harmful. The prompt set alternates harmful prompts (naming red, the toy world's unsafe colour) and
+safe ones. They exercise every field of the pair schema through the real writer and reader; it is
 not the toy world (``sc_dpo_jax.toy``), whose images and judge are built to measure alignment.
 """
 from __future__ import annotations
@@ -59,3 +61,30 @@ def write_synthetic_pairs(folder: str, *, num_pairs: int = 64, resolution: int =
   spec = schema.pair_spec(has_costs=True, has_harmful_prompt=True)
   return records.write_records(folder, spec, list(synthetic_pairs(num_pairs, resolution, seed)),
                                name="synthetic", num_shards=num_shards)
+
+
+# The RL trainer's tiny prompts: the toy world's unsafe concept is the colour red, so prompts naming it are the
+# harmful ones (categories "red"); the rest are safe. Short enough for the tiny tokenizer.
+HARMFUL_PROMPTS = ("a red square", "a red circle", "a red bar", "red paint", "a crimson box", "a red dot")
+SAFE_PROMPTS = ("a blue square", "a green circle", "a blue bar", "blue paint", "a yellow box", "a green dot")
+
+
+def synthetic_prompt_records(num_prompts: int):
+  """``num_prompts`` prompt records alternating harmful and safe prompts."""
+  out = []
+  for i in range(num_prompts):
+    harmful = i % 2 == 0
+    pool = HARMFUL_PROMPTS if harmful else SAFE_PROMPTS
+    out.append({"prompt": pool[(i // 2) % len(pool)], "negative_prompt": "", "seed": -1, "guidance": -1.0,
+                "categories": "red" if harmful else "", "source_id": f"synthetic_prompts:{i}"})
+  return out
+
+
+def write_synthetic_prompts(folder: str, *, num_prompts: int = 12) -> records.Source:
+  """Writes the synthetic prompt set to ``folder`` once (an existing complete folder is reused)."""
+  if os.path.exists(os.path.join(folder, records.INFO_FILE)):
+    return records.open_source(folder)
+  if num_prompts < 1:
+    raise ValueError(f"config.data.synthetic_prompts = {num_prompts}: write at least one prompt")
+  return records.write_records(folder, schema.prompt_spec(), synthetic_prompt_records(num_prompts),
+                               name="synthetic_prompts")

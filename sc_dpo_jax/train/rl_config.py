@@ -24,7 +24,7 @@ is not even loaded. Terms: ``clip_score`` (cosine of CLIP image and prompt embed
 negative weight) and ``nudity`` (NudeNet's nudity score in [0, 1], ``rewards.NudityReward``: higher is more
 nudity, so it too takes a negative weight, e.g. ``--config.reward.weights.nudity=-1``; weight 0 by default, so
 existing runs are unchanged; its knobs are ``reward.nudenet_*``). New detectors become new names here and in
-``rl_loop.REWARD_TERMS``.
+``rewards.terms.REWARD_TERMS``.
 """
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.min_shard_size = 2 ** 14
+  # Logical axis -> mesh axes rules (parallel.rules_from_config): None = parallel.DEFAULT_RULES, or pairs in
+  # priority order, e.g. --config.mesh_rules="(('embed', 'fsdp'), ('heads', ('tensor', 'fsdp')), ...)"
+  c.mesh_rules = config_dict.placeholder(tuple)
 
   c.data = ml_collections.ConfigDict(dict(
       train=config_dict.placeholder(str),    # a prompt dataset folder (kind "prompt"); tiny: synthetic

@@ -10,21 +10,21 @@ the safety cost model's cost; NudeNet later), with our default weights, is this 
 
 What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer, ``train.loop``):
 
-1. **Mesh** from ``config.mesh``; **models** as ``train.loop.load_models`` (``model.tiny``: a random tiny
+1. **Mesh** from ``config.mesh``; **models** as ``train.base_model.load_models`` (``model.tiny``: a random tiny
    pipeline, written to ``<workdir>/base_model``).
 2. **Prompts**: ``data.train`` (a dataset of kind "prompt", e.g. I2P prepared with ``data.prepare``) or, for
-   ``tiny``, a synthetic set of harmful ("red ...", the toy world's unsafe concept) and safe prompts written
-   to ``<workdir>/data/synthetic_prompts``. Each process reads ``rl.samples_per_iteration /
+   ``tiny``, a synthetic set of harmful ("red ...", the toy world's unsafe concept) and safe prompts
+   (``data.synthetic``) written to ``<workdir>/data/synthetic_prompts``. Each process reads ``rl.samples_per_iteration /
    rl.samples_per_prompt`` prompts per iteration and samples each ``rl.samples_per_prompt`` times. The
    records' negative prompt, seed and guidance are not used (sampling uses the empty prompt as the
    unconditional one, ``rl.guidance_scale`` and the run's rng, as DDPO does).
-3. **Reward** (``reward.weights``, :data:`REWARD_TERMS`): ``clip_score`` (``rewards.ClipScore`` with the CLIP
+3. **Reward** (``reward.weights``, ``rewards.terms``): ``clip_score`` (``rewards.ClipScore`` with the CLIP
    in ``reward.clip_folder``) and ``safety_cost`` (``rewards.CostReward`` with the cost model in
    ``reward.cost_model_folder``) and ``nudity`` (NudeNet's nudity score, ``rewards.NudityReward``: higher is
    more nudity, so it takes a negative weight like the cost; off by default), combined by
-   ``rewards.WeightedSum``. ``tiny`` without those folders uses a
-   random tiny CLIP pair and a random cost adapter on its vision tower: PLUMBING ONLY, the rewards mean
-   nothing. The reward runs on the host, on each process's own images.
+   ``rewards.WeightedSum``. ``tiny`` without those folders uses a random tiny CLIP pair and a random cost
+   adapter on its vision tower: PLUMBING ONLY, the rewards mean nothing. The reward runs on the host, on each
+   process's own images; prompts and rewards of all processes are gathered (``parallel.multihost``).
 4. **State**: ``parallel.sharded_train_state`` (LoRA adapters by default, ``lora.enabled=False`` trains the
    full UNet; DDPO has no reference model, so none is kept), the text encoder and VAE frozen beside it. Two
    programs are compiled ahead of time: the sampler (text encoding, DDIM with trajectories and
@@ -51,9 +51,8 @@ Returns a summary dict (also ``<workdir>/summary.json``). Checkpoint and metric 
 """
 from __future__ import annotations
 
-import os
 import time
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Dict
 
 import flax.linen as nn
 import jax
@@ -62,56 +61,22 @@ import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
-from sc_dpo_jax import models, parallel, paths
+from sc_dpo_jax import parallel
 from sc_dpo_jax.data import device as device_lib
 from sc_dpo_jax.data import pipeline as data_pipeline
-from sc_dpo_jax.data import records, schema
-from sc_dpo_jax.models.clip import CLIPTextModel, CLIPVisionModel
-from sc_dpo_jax.models.clip_config import tiny_text_config, tiny_vision_config
-from sc_dpo_jax.models.random_init import host_random_params
-from sc_dpo_jax.rewards.base import RewardFn, WeightedSum
-from sc_dpo_jax.rewards.clip_score import ClipScore
-from sc_dpo_jax.rewards.cost_model import CostAdapter, CostReward, SafetyCostModel, load_cost_model
-from sc_dpo_jax.rewards.nudenet import NudityReward
-from sc_dpo_jax.train import ddpo, dpo_steps, guard, harness, optim
+from sc_dpo_jax.data import schema, synthetic
+from sc_dpo_jax.parallel import multihost
+from sc_dpo_jax.rewards import terms
+from sc_dpo_jax.train import ddpo, dpo_steps, guard, harness, optim, outputs, sources
 from sc_dpo_jax.train import state as state_lib
 from sc_dpo_jax.train.advantages import PerPromptAdvantages
-from sc_dpo_jax.train.loop import barrier, finish_run, load_models, sample_grid
-from sc_dpo_jax.train.preemption import StopSignal
+from sc_dpo_jax.train.base_model import load_models
 
 METHOD = "shielddiff_rl"
 EXTRA_ADVANTAGES = "advantages"
 
-# The tiny run's synthetic prompts: the toy world's unsafe concept is the colour red (DESIGN.md), so prompts
-# naming it are the harmful ones (categories "red"); the rest are safe. Short enough for the tiny tokenizer.
-HARMFUL_PROMPTS = ("a red square", "a red circle", "a red bar", "red paint", "a crimson box", "a red dot")
-SAFE_PROMPTS = ("a blue square", "a green circle", "a blue bar", "blue paint", "a yellow box", "a green dot")
-
-
 # -- prompts ------------------------------------------------------------------------------------------------------
-
-
-def synthetic_prompt_records(num_prompts: int) -> List[Dict[str, Any]]:
-  """``num_prompts`` prompt records alternating harmful and safe prompts (the tiny run's dataset)."""
-  out = []
-  for i in range(num_prompts):
-    harmful = i % 2 == 0
-    pool = HARMFUL_PROMPTS if harmful else SAFE_PROMPTS
-    out.append({"prompt": pool[(i // 2) % len(pool)], "negative_prompt": "", "seed": -1, "guidance": -1.0,
-                "categories": "red" if harmful else "", "source_id": f"synthetic_prompts:{i}"})
-  return out
-
-
-def write_synthetic_prompts(folder: str, *, num_prompts: int = 12) -> records.Source:
-  """Writes the synthetic prompt set to ``folder`` once (an existing complete folder is reused)."""
-  if os.path.exists(os.path.join(folder, records.INFO_FILE)):
-    return records.open_source(folder)
-  if num_prompts < 1:
-    raise ValueError(f"config.data.synthetic_prompts = {num_prompts}: write at least one prompt")
-  return records.write_records(folder, schema.prompt_spec(), synthetic_prompt_records(num_prompts),
-                               name="synthetic_prompts")
 
 
 def prompts_per_process(config: ml_collections.ConfigDict) -> int:
@@ -133,136 +98,22 @@ def prompts_per_process(config: ml_collections.ConfigDict) -> int:
 def open_prompts(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_pipeline.DataIterator:
   """This process's iterator over the prompt dataset ``data.train`` (or the synthetic prompts of a tiny run)."""
   d = config.data
-  if d.train:
-    source = records.open_source(d.train, split=d.split)
-  elif config.model.tiny:
-    if paths.is_uri(workdir):
-      raise ValueError(f"config.data.train is empty, so this tiny run would write synthetic prompts into "
-                       f"{workdir}/data, but the record writer writes local folders only: set "
-                       f"--config.data.train to a dataset folder, or use a local workdir")
-    folder = os.path.join(workdir, "data", "synthetic_prompts")
-    if jax.process_index() == 0:
-      write_synthetic_prompts(folder, num_prompts=int(d.synthetic_prompts))
-    barrier("synthetic prompts")
-    source = records.open_source(folder)
-  else:
-    raise ValueError("config.data.train is empty: set --config.data.train to a prompt dataset folder "
-                     "(python -m sc_dpo_jax.data.prepare makes one from an I2P-style CSV or a text file)")
-  if source.spec.kind != schema.PROMPT:
-    raise ValueError(f"{d.train or source.name}: a {source.spec.kind} dataset; the RL trainer samples its own "
-                     f"images and needs a prompt dataset")
+  source = sources.open_train_source(
+      config, workdir, kind=schema.PROMPT, name="synthetic_prompts",
+      write_synthetic=lambda folder: synthetic.write_synthetic_prompts(folder,
+                                                                       num_prompts=int(d.synthetic_prompts)),
+      what="a prompt dataset folder (python -m sc_dpo_jax.data.prepare makes one from an I2P-style CSV or a text "
+           "file)", trainer="the RL trainer samples its own images and needs a prompt dataset")
   return data_pipeline.DataIterator(
       source, batch_size=prompts_per_process(config), seed=config.seed, shuffle_buffer=int(d.shuffle_buffer),
       skip_bad_records=bool(d.skip_bad_records), tokenizer=pipe.tokenizer)
-
-
-# -- the reward ---------------------------------------------------------------------------------------------------
-
-
-def tiny_clip(seed: int, tokenizer) -> Dict[str, Any]:
-  """A random tiny CLIP pair (projected text and vision towers) that reads the tiny pipeline's tokens: the
-  tiny run's stand-in for a real CLIP. Its scores are meaningless; it only exercises the reward's plumbing."""
-  text = CLIPTextModel(tiny_text_config(vocab_size=len(tokenizer.hf), max_position_embeddings=tokenizer.max_length,
-                                        eos_token_id=1, bos_token_id=0, pad_token_id=1), with_projection=True)
-  vision = CLIPVisionModel(tiny_vision_config(), with_projection=True)
-  return {"text_model": text, "text_params": host_random_params(text, seed + 11), "vision_model": vision,
-          "vision_params": host_random_params(vision, seed + 12), "tokenizer": tokenizer, "name": "tiny-random-clip"}
-
-
-def _clip(config: ml_collections.ConfigDict, pipe, cache: Dict[str, Any]) -> Dict[str, Any]:
-  """The CLIP of the reward (loaded once and shared by the terms that need it)."""
-  if "clip" in cache:
-    return cache["clip"]
-  folder = config.reward.clip_folder
-  if folder:
-    text, text_params = models.load_clip_text(folder)
-    vision, vision_params = models.load_clip_vision(folder)
-    cache["clip"] = {"text_model": text, "text_params": text_params, "vision_model": vision,
-                     "vision_params": vision_params, "tokenizer": models.load_tokenizer(folder), "name": folder}
-  elif config.model.tiny:
-    cache["clip"] = tiny_clip(int(config.seed), pipe.tokenizer)
-  else:
-    raise ValueError("config.reward.clip_folder is empty: set it to a CLIPModel folder (both towers with "
-                     "projections and the tokenizer files, e.g. openai/clip-vit-large-patch14), or set the "
-                     "weights of the terms that need it (reward.weights.clip_score) to 0")
-  return cache["clip"]
-
-
-def clip_score_term(config: ml_collections.ConfigDict, pipe, cache: Dict[str, Any]) -> RewardFn:
-  """``clip_score``: cosine of the CLIP image and prompt embeddings (the quality term)."""
-  m = _clip(config, pipe, cache)
-  return ClipScore(m["text_model"], m["text_params"], m["vision_model"], m["vision_params"], m["tokenizer"])
-
-
-def safety_cost_term(config: ml_collections.ConfigDict, pipe, cache: Dict[str, Any]) -> RewardFn:
-  """``safety_cost``: the safety cost model's cost (higher = more harmful; weight it negatively)."""
-  r = config.reward
-  if r.cost_model_folder:
-    clip_folder = r.cost_clip_folder or r.clip_folder
-    if not clip_folder:
-      raise ValueError(f"config.reward.cost_model_folder = {r.cost_model_folder} needs the CLIP vision tower it "
-                       f"was trained on: set config.reward.cost_clip_folder (or reward.clip_folder)")
-    model, params = load_cost_model(r.cost_model_folder, clip_folder)
-  elif config.model.tiny:
-    m = _clip(config, pipe, cache)
-    model = SafetyCostModel(m["vision_model"], CostAdapter(hidden_sizes=(16,)), clip_name=m["name"])
-    params = {"clip": m["vision_params"], "adapter": model.init_adapter(jax.random.PRNGKey(int(config.seed) + 13))}
-  else:
-    raise ValueError("config.reward.cost_model_folder is empty: set it to a safety cost model folder "
-                     "(python -m sc_dpo_jax.main --config=configs/cost_model.py trains one), or set "
-                     "reward.weights.safety_cost to 0")
-  return CostReward(model, params)
-
-
-def nudity_term(config: ml_collections.ConfigDict, pipe, cache: Dict[str, Any]) -> RewardFn:
-  """``nudity``: NudeNet's nudity score in [0, 1], the highest score among ``reward.nudenet_classes`` (0 when
-  none is detected). Higher means MORE nudity, so give it a negative weight (``reward.weights.nudity=-1``), as
-  ``safety_cost``: the total reward is then higher for safer images. ``reward.nudenet_threshold`` only sets the
-  logged ``nudity/flag`` (the share of images at or above it); the reward is the continuous score."""
-  del pipe, cache
-  r = config.reward
-  return NudityReward(classes=tuple(r.nudenet_classes), threshold=float(r.nudenet_threshold),
-                      model_path=r.nudenet_model_path or None)
-
-
-# name -> builder(config, pipe, cache) -> reward function. A new detector is one more entry here and one more name
-# in rl_config's reward.weights.
-REWARD_TERMS: Dict[str, Callable[..., RewardFn]] = {
-    "clip_score": clip_score_term,
-    "safety_cost": safety_cost_term,
-    "nudity": nudity_term,
-}
-
-
-def reward_weights(config: ml_collections.ConfigDict) -> Dict[str, float]:
-  """The terms of ``reward.weights`` with a non-zero weight, checked (errors name the key)."""
-  out = {}
-  for name, weight in config.reward.weights.items():
-    if name not in REWARD_TERMS:
-      raise ValueError(f"config.reward.weights.{name}: no reward term of that name; known: {sorted(REWARD_TERMS)}")
-    weight = float(weight)
-    if not np.isfinite(weight):
-      raise ValueError(f"config.reward.weights.{name} = {weight} is not finite")
-    if weight != 0.0:
-      out[name] = weight
-  if not out:
-    raise ValueError("every config.reward.weights is 0: the reward would be constant")
-  return out
-
-
-def make_reward(config: ml_collections.ConfigDict, pipe) -> WeightedSum:
-  """``reward.weights`` as a ``rewards.WeightedSum`` of the named terms (weight 0: the term is not loaded)."""
-  cache: Dict[str, Any] = {}
-  parts = {name: (weight, REWARD_TERMS[name](config, pipe, cache)) for name, weight in reward_weights(config).items()}
-  logging.info("reward: %s", " + ".join(f"{w:g} * {n}" for n, (w, _) in parts.items()))
-  return WeightedSum(parts)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """The checks that need no model, run before loading one (a Stable Diffusion load takes a while): batch
   sizes, reward terms, and the folders a non-tiny run requires (errors name the key)."""
   prompts_per_process(config)
-  weights = reward_weights(config)
+  weights = terms.reward_weights(config)
   if config.model.tiny:
     return
   r = config.reward
@@ -342,36 +193,6 @@ def _constrained(fn, mesh):
   return constrained
 
 
-# -- host-side helpers --------------------------------------------------------------------------------------------
-
-
-def _local_rows(x: jax.Array, mesh) -> np.ndarray:
-  """This process's rows of a global array batch-sharded on dim 0 (the inverse of ``global_batch``)."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, device_lib.batch_sharding(mesh).spec))
-
-
-def _gather(prompts: Sequence[str], arrays: Dict[str, np.ndarray]) -> Tuple[List[str], Dict[str, np.ndarray]]:
-  """Prompts and per-sample arrays of all processes, concatenated in process order (every process gets all,
-  so the per-prompt buffers stay identical everywhere)."""
-  if jax.process_count() == 1:
-    return list(prompts), dict(arrays)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  encoded = [p.encode("utf-8") for p in prompts]
-  lengths = np.array([len(e) for e in encoded], np.int32)
-  width = int(np.max(multihost_utils.process_allgather(np.array([max(lengths.max(), 1)], np.int32))))
-  buffer = np.zeros((len(encoded), width), np.uint8)
-  for i, e in enumerate(encoded):
-    buffer[i, :len(e)] = np.frombuffer(e, np.uint8)
-  all_buffer = np.asarray(multihost_utils.process_allgather(buffer, tiled=True))
-  all_lengths = np.asarray(multihost_utils.process_allgather(lengths, tiled=True))
-  all_prompts = [bytes(row[:n]).decode("utf-8") for row, n in zip(all_buffer, all_lengths)]
-  return all_prompts, {k: np.asarray(multihost_utils.process_allgather(np.asarray(v), tiled=True))
-                       for k, v in arrays.items()}
-
-
 def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -392,7 +213,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   global_samples = int(c.rl.samples_per_iteration) * jax.process_count()
   updates = int(c.rl.updates_per_iteration)
   minibatch = global_samples // updates
-  reward_fn = make_reward(c, pipe)
+  reward_fn = terms.make_reward(c, pipe)
   tracker = PerPromptAdvantages(buffer_size=int(c.rl.advantage_buffer), min_count=int(c.rl.advantage_min_count))
 
   tx, lr_schedule = optim.make_optimizer(c.optim, total_batch_size=minibatch)     # samples per update
@@ -426,13 +247,14 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   update_step = parallel.make_sharded_step(make_update_step(pipe, ddpo_cfg), shardings, batch_sharding=update_batch_sh)
 
   # Resume.
-  ckpt = harness.open_checkpoints(c, workdir)
-  restored = harness.resume(ckpt, c, abstract_state=_abstract(state, shardings.state), rng=rng)
+  iterations = int(c.train.iterations)
+  run = harness.Run(c, workdir, name="rl", unit="it", total=iterations)
+  restored = run.resume(abstract_state=_abstract(state, shardings.state), rng=rng)
   start = 0
   resumed: Dict[str, Any] = {}
   if restored is not None:
     if not restored.extra or EXTRA_ADVANTAGES not in restored.extra:
-      raise ValueError(f"{ckpt.directory}/{restored.step} holds no per-prompt reward buffers (the 'extra' item "
+      raise ValueError(f"{run.ckpt.directory}/{restored.step} holds no per-prompt reward buffers (the 'extra' item "
                        f"{EXTRA_ADVANTAGES!r}): it was not written by the RL trainer; use another workdir")
     state, rng, start = restored.state, restored.rng, restored.step
     if restored.data_state is not None:
@@ -440,7 +262,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     tracker.load_state_dict(restored.extra[EXTRA_ADVANTAGES])
     resumed = {"iteration": start, "optimizer_steps": int(state.step), **tracker.stats(),
                "buffered_rewards": sum(len(v) for v in restored.extra[EXTRA_ADVANTAGES]["buffers"].values())}
-    logging.info("resumed from iteration %d (%s): %s", start, ckpt.directory, resumed)
+    logging.info("resumed from iteration %d (%s): %s", start, run.ckpt.directory, resumed)
   config_json = harness.config_dict(c)
 
   # Compile both programs ahead of time, once.
@@ -464,32 +286,26 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   compile_s = time.time() - t0
   logging.info("sampler and update compiled in %.1f s", compile_s)
 
-  writer = harness.open_metrics(c, workdir, start)
-  counter = guard.NonFiniteCounter(int(c.train.max_nonfinite_in_a_row))
-  iterations = int(c.train.iterations)
   summary: Dict[str, Any] = {"workdir": str(workdir), "method": METHOD, "start_iteration": start,
                              "reward": {n: w for n, (w, _) in reward_fn.parts.items()},
                              "compile_s": round(compile_s, 2)}
   if resumed:
     summary["resumed"] = resumed
-  window: List[Dict[str, float]] = []
-  stopped_by_signal = False
-  bar = tqdm(total=iterations, initial=start, desc="rl", disable=not c.train.progress or jax.process_index() != 0,
-             unit="it")
+  run.open(start)
   process = jax.process_index()
-  with StopSignal() as stop, harness.saves_finished(ckpt, writer):
-    iteration = start
+  final = start
+  with run:
     host = first
-    while iteration < iterations:
+    for iteration in run.indices(start):
       t0 = time.time()
       prompts, batch = sample_inputs(host)
       key = jax.random.fold_in(rng, iteration)
       sample_key, update_key = jax.random.split(key)
       samples, text = compiled_sample(state, frozen, batch, sample_key)
-      images = _local_rows(samples.images, mesh)
+      images = multihost.local_rows(samples.images, mesh)
       t1 = time.time()
       rewards, info = reward_fn(images, prompts)
-      all_prompts, gathered = _gather(prompts, {"reward": rewards, **info})
+      all_prompts, gathered = multihost.gather(prompts, {"reward": rewards, **info})
       advantages = tracker(all_prompts, gathered["reward"])
       n = len(prompts)
       local_advantages = advantages[process * n:(process + 1) * n]
@@ -505,11 +321,9 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
           state, metrics = compiled_update(state, frozen, dict(update_batch, rows=rows),
                                            jax.random.fold_in(update_key, epoch * updates + u))
           pending.append(metrics)
-      update_metrics = []
-      for index, metrics in enumerate(pending):
-        host_metrics = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-        counter.update(iteration * len(pending) + index, host_metrics)    # raises after K skipped in a row
-        update_metrics.append(host_metrics)
+      # Every update's metrics, counted by the NaN guard (raises after K skipped in a row).
+      update_metrics = [harness.read_metrics(iteration * len(pending) + index, metrics, run.counter)
+                        for index, metrics in enumerate(pending)]
       t3 = time.time()
       means = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
       all_rewards = gathered.pop("reward")
@@ -519,33 +333,24 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                     **{f"advantages/{k}": v for k, v in tracker.stats().items()},
                     "images_per_s": global_samples / (t3 - t0), "time/sample_s": t1 - t0,
                     "time/reward_s": t2 - t1, "time/update_s": t3 - t2})
-      window.append(means)
-      iteration += 1
-      bar.update(1)
-      last = iteration == iterations
-      stopped_by_signal = stop.requested(iteration)
-      if iteration % int(c.train.log_every) == 0 or last or stopped_by_signal:     # a stop keeps its window
-        logged = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        logged.update({"optimizer_steps": int(state.step), "skipped_updates_total": counter.total, **it.metrics()})
-        writer.write(iteration, logged)
-        bar.set_postfix(reward=f"{logged['reward_mean']:.4f}", images_s=f"{logged['images_per_s']:.1f}")
-        window = []
-      if c.train.sample_every and iteration % int(c.train.sample_every) == 0 and not last:
-        sample_grid(pipe, state, frozen, c, workdir, iteration, writer=writer)
-      if iteration % int(c.train.checkpoint_every) == 0 or last or stopped_by_signal:
-        ckpt.save(iteration, state=state, rng=rng, data_state=it.state(), config=config_json,
-                  extra={EXTRA_ADVANTAGES: tracker.state_dict()})
-      if stopped_by_signal:
-        logging.warning("stopped by a signal after iteration %d; checkpoint saved, rerun to resume", iteration)
+      run.window.add_host(means)
+      due = run.tick(iteration + 1)
+      final = due.index
+      if due.log:
+        logged, _, _ = run.window.means()
+        logged.update({"optimizer_steps": int(state.step), "skipped_updates_total": run.counter.total,
+                       **it.metrics()})
+        run.log(due.index, logged, reward=f"{logged['reward_mean']:.4f}", images_s=f"{logged['images_per_s']:.1f}")
+      if due.sample:
+        outputs.sample_grid(pipe, state, frozen, c, workdir, due.index, writer=run.writer)
+      if due.checkpoint:
+        run.ckpt.save(due.index, state=state, rng=rng, data_state=it.state(), config=config_json,
+                      extra={EXTRA_ADVANTAGES: tracker.state_dict()})
+      if due.stop:
+        run.stopped(due.index)
         break
-      if not last:
+      if not due.last:
         host = next(it)
-  bar.close()
-  ckpt.wait()
-  summary.update({"final_iteration": iteration, "optimizer_steps": int(state.step),
-                  "stopped_by_signal": stopped_by_signal, **harness.stop_fields(stop),
-                  "skipped_updates": counter.total,
+  summary.update({"final_iteration": final, "optimizer_steps": int(state.step), **run.end(),
                   "bad_records": it.bad_records, "advantages": tracker.stats()})
-  return finish_run(pipe, state, frozen, c, workdir, iteration, ckpt=ckpt, writer=writer, summary=summary,
-                    t_start=t_start, stopped_by_signal=stopped_by_signal)
-
+  return outputs.finish_run(run, pipe, state, frozen, summary, t_start)

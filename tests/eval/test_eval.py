@@ -433,12 +433,13 @@ def test_nudenet_detector_runs_in_the_evaluation(pipe, files, tmp_path):
 
 def test_nudity_reward_term(pipe):
   from sc_dpo_jax.toy import world
-  from sc_dpo_jax.train import rl_config, rl_loop
+  from sc_dpo_jax.rewards import terms
+  from sc_dpo_jax.train import rl_config
   config = rl_config.rl_config("tiny")
   assert config.reward.weights.nudity == 0.0              # off by default: existing runs are unchanged
   config.reward.weights.clip_score = config.reward.weights.safety_cost = 0.0
   config.reward.weights.nudity = 1.0
-  reward = rl_loop.make_reward(config, pipe)
+  reward = terms.make_reward(config, pipe)
   assert list(reward.parts) == ["nudity"]
   images = world.render_batch(world.sample(np.random.default_rng(0), 3)[0])
   total, info = reward(images, ["a red circle"] * 3)

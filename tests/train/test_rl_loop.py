@@ -129,6 +129,8 @@ def runs(tmp_path_factory):
 
 
 def test_config_variants_and_reward_errors_name_the_key():
+  from sc_dpo_jax.data import synthetic
+  from sc_dpo_jax.rewards import terms
   from sc_dpo_jax.train import rl_config, rl_loop
   tiny, sd15 = rl_config.rl_config("tiny"), rl_config.rl_config("sd15")
   assert tiny.job == sd15.job == "rl" and sd15.rl.num_steps == 50 and sd15.rl.eta == 1.0
@@ -138,7 +140,7 @@ def test_config_variants_and_reward_errors_name_the_key():
   with pytest.raises(ValueError, match="unknown config variant 'sdxl'"):
     rl_config.rl_config("sdxl")
   with pytest.raises(ValueError, match="config.reward.clip_folder is empty"):
-    rl_loop.make_reward(sd15, pipe=None)
+    terms.make_reward(sd15, pipe=None)
   # check_config runs before any model is loaded.
   with pytest.raises(ValueError, match="config.reward.clip_folder is empty"):
     rl_loop.check_config(sd15)
@@ -163,7 +165,7 @@ def test_config_variants_and_reward_errors_name_the_key():
     rl_loop.check_config(tiny)
   tiny.rl.updates_per_iteration = 2
   rl_loop.check_config(tiny)
-  records = rl_loop.synthetic_prompt_records(4)
+  records = synthetic.synthetic_prompt_records(4)
   assert [r["categories"] for r in records] == ["red", "", "red", ""]
 
 

@@ -45,7 +45,7 @@ def test_metrics_of_a_resumed_run_keep_lines_up_to_the_restored_step(tmp_path):
 
 def test_trainer_outputs_land_in_a_gs_workdir(gcs_root, tmp_path):  # noqa: F811
   from sc_dpo_jax.models import tiny
-  from sc_dpo_jax.train import loop
+  from sc_dpo_jax.train import outputs
   from sc_dpo_jax.train.config import dpo_config
   workdir = "gs://bucket/run"
   local = gcs_root / "bucket" / "run"
@@ -58,9 +58,9 @@ def test_trainer_outputs_land_in_a_gs_workdir(gcs_root, tmp_path):  # noqa: F811
   config = dpo_config("diffusion_dpo", "tiny")
   pipe = tiny.tiny_pipeline(0)
   state = type("State", (), {"params": pipe.params["unet"]})()
-  loop.sample_grid(pipe, state, {}, config, workdir, 7)
+  outputs.sample_grid(pipe, state, {}, config, workdir, 7)
   assert (local / "samples" / "step_000007.png").stat().st_size > 0
-  assert loop.export_pipeline(pipe, state, {}, paths.resolve(workdir) / "export") == "gs://bucket/run/export"
+  assert outputs.export_pipeline(pipe, state, {}, paths.resolve(workdir) / "export") == "gs://bucket/run/export"
   from safetensors.numpy import load_file
   exported = load_file(str(local / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
   flat = jax.tree_util.tree_leaves(pipe.params["unet"])
