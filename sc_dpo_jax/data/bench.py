@@ -69,8 +69,8 @@ def write_dataset(kind: str, folder: str, num_pairs: int, num_shards: int, *, la
 
     def make(i):
       rec = {"prompt": f"synthetic prompt {i}", "source_id": f"bench:{i}",
-             "latent_chosen": rng.normal(0, 1, spec.latent_shape).astype(np.float32),
-             "latent_rejected": rng.normal(0, 1, spec.latent_shape).astype(np.float32)}
+             "moments_chosen": rng.normal(0, 1, spec.latent_shape).astype(np.float32),
+             "moments_rejected": rng.normal(0, 1, spec.latent_shape).astype(np.float32)}
       if text_states:
         rec["text_states"] = rng.normal(0, 1, (77, 768)).astype(np.float32)
       return rec

@@ -10,13 +10,13 @@ dropped by the pipeline's ``ignore_errors``, which notices the gap in the record
 Outputs (pairs): ``prompt``, ``source_id`` (strings); with encoded images ``image_chosen`` and
 ``image_rejected`` as ``uint8 [R, R, 3]`` (shorter side resized to ``R = resolution`` with antialiased
 bilinear filtering, then centre-cropped; with ``random_flip`` both images of a pair flipped together, as the
-official Diffusion-DPO code transforms the concatenated pair); with latent moments ``latents_chosen`` and
-``latents_rejected`` as ``float32 [h, w, c]`` = ``(mean + std * eps - shift) * scale`` (the diffusion
-model's latents; ``latents="mean"`` uses the mean, ``latents="moments"`` passes ``moments_chosen`` and
-``moments_rejected`` on for the device to sample), the logvar clipped to ``[-30, 20]`` as diffusers
-does; ``text_states`` ``float32 [L, D]``; ``cost_chosen``, ``cost_rejected`` float32; ``harmful_prompt``
-int32. Prompts: ``prompt``, ``negative_prompt``, ``categories``, ``source_id``, ``seed`` int64, ``guidance``
-float32.
+official Diffusion-DPO code transforms the concatenated pair); from stored moments ``moments_chosen`` and
+``moments_rejected``, ``latents_chosen`` and ``latents_rejected`` as ``float32 [h, w, c]`` =
+``(mean + std * eps - shift) * scale`` (the diffusion model's latents; ``latents="mean"`` uses the mean,
+``latents="moments"`` passes ``moments_chosen`` and ``moments_rejected`` ``[h, w, 2c]`` on for the device to
+sample), the logvar clipped to ``[-30, 20]`` as diffusers does; ``text_states`` ``float32 [L, D]``;
+``cost_chosen``, ``cost_rejected`` float32; ``harmful_prompt`` int32. Prompts: ``prompt``,
+``negative_prompt``, ``categories``, ``source_id``, ``seed`` int64, ``guidance`` float32.
 
 Randomness (flip, latent noise) is stateless, from ``element_seed`` = (dataset seed, position), so a record
 gets the same flip and noise whenever it is read at the same position (the basis of exact resume).
@@ -73,20 +73,21 @@ def make_decoder(spec: RecordSpec, *, resolution: Optional[int] = None, random_f
     raise ValueError("random_flip applies to encoded images; this dataset has "
                      f"{'latents' if spec.image_format == LATENT else 'no images'} (flip before precomputing)")
 
-  features = {}
+  features = {}     # field name -> feature; parsed under the spec's stored names (older formats)
   for name in spec.string_fields + tuple(spec.array_fields):
     features[name] = tf.io.VarLenFeature(tf.string)
   for name in spec.float_fields:
     features[name] = tf.io.VarLenFeature(tf.float32)
   for name in spec.int_fields:
     features[name] = tf.io.VarLenFeature(tf.int64)
+  stored = {spec.stored_name(name): feature for name, feature in features.items()}
 
   def decode(raw, element_seed):
-    parsed = tf.io.parse_single_example(raw, features)
+    parsed = tf.io.parse_single_example(raw, stored)
     ok = tf.constant(True)
     out = {}
     for name in features:
-      values = parsed[name].values
+      values = parsed[spec.stored_name(name)].values
       ok = tf.logical_and(ok, tf.equal(tf.size(values), 1))
       default = {tf.string: b"", tf.float32: 0.0, tf.int64: 0}[values.dtype]
       out[name] = _first(values, tf.constant(default, values.dtype))
@@ -120,14 +121,11 @@ def make_decoder(spec: RecordSpec, *, resolution: Optional[int] = None, random_f
         image = resize_and_crop(image, resolution)
         image = tf.cond(flip, lambda im=image: tf.reverse(im, axis=[1]), lambda im=image: im)
         out[name] = _to_uint8(image)
-    if spec.kind == PAIR and spec.image_format == LATENT:
+    if spec.kind == PAIR and spec.image_format == LATENT and latents != "moments":    # "moments": as stored
       scale = float(spec.latent_scaling_factor)
       shift = float(spec.latent_shift_factor or 0.0)
       for i, which in enumerate(("chosen", "rejected")):
-        moments = out.pop(f"latent_{which}")
-        if latents == "moments":
-          out[f"moments_{which}"] = moments
-          continue
+        moments = out.pop(f"moments_{which}")
         mean, logvar = tf.split(moments, 2, axis=-1)
         z = mean
         if latents == "sample":

@@ -11,7 +11,7 @@ centre-cropped; no flips: a latent dataset cannot be flipped, so flip before pre
 encodes chosen and rejected images with the model's VAE in one jitted call per batch, and the prompts with its
 text encoder (``--notext_states`` leaves them out), and writes latent pair records (``data.schema``):
 
-* ``latent_chosen`` / ``latent_rejected``: the posterior *moments* ``[h, w, 2c]`` (mean and logvar), not a
+* ``moments_chosen`` / ``moments_rejected``: the posterior *moments* ``[h, w, 2c]`` (mean and logvar), not a
   sample, so the reader draws fresh noise per epoch (``DataIterator(latents="sample")`` or, on the device,
   ``data.latents.sample_latents``) as training on images does;
 * ``text_states`` ``[L, D]``, and ``prompt``, ``source_id``, costs and the harmful flag passed through;
@@ -52,7 +52,9 @@ from sc_dpo_jax.data import pipeline, records, schema
 from sc_dpo_jax.data.schema import IMAGE, PAIR
 
 PROGRESS_FILE = "progress.json"
-PROGRESS_FORMAT = "sc_dpo_jax.precompute/1"
+# /2 writes records.FORMAT sc_dpo_jax.records/2; the shards of an unfinished /1 run hold the old field names,
+# so such a run cannot be continued under the new ones.
+PROGRESS_FORMAT = "sc_dpo_jax.precompute/2"
 
 
 def precompute(source_dir: str, model_dir: str, out_dir: str, *, resolution: Optional[int] = None,
@@ -351,7 +353,7 @@ class _EncodedStream:
     out = []
     for i in range(n):
       record = {"prompt": batch["prompt"][i], "source_id": batch["source_id"][i],
-                "latent_chosen": moments[i], "latent_rejected": moments[size + i]}
+                "moments_chosen": moments[i], "moments_rejected": moments[size + i]}
       if states is not None:
         record["text_states"] = states[i]
       if self.spec.has_costs:
@@ -376,7 +378,7 @@ def _prepare_out_dir(out_dir: str, name: str, overwrite: bool) -> None:
   info_path = os.path.join(out_dir, records.INFO_FILE)
   if os.path.exists(info_path):
     info = records.read_info(out_dir)
-    if info.get("format") != records.FORMAT:
+    if info.get("format") not in records.READABLE_FORMATS:
       raise ValueError(f"{info_path}: not a dataset written by this project (a TFDS dataset?); choose another "
                        f"output folder")
     if not overwrite:

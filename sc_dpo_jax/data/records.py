@@ -4,8 +4,14 @@ Two layouts are read the same way by :func:`open_source`:
 
 * our own (``data.precompute`` and :class:`ShardWriter`)::
 
-    DIR/dataset_info.json      {"format": "sc_dpo_jax.records/1", "spec": {...}, "shards": [...], "stats": {...}}
+    DIR/dataset_info.json      {"format": "sc_dpo_jax.records/2", "spec": {...}, "shards": [...], "stats": {...}}
     DIR/<name>-00000-of-00004.tfrecord ...
+
+  ``format`` is the version of the record layout. Version 2 names the latent moments ``moments_chosen`` /
+  ``moments_rejected``; version 1 stored the same bytes as ``latent_chosen`` / ``latent_rejected``, and
+  :func:`open_source` still reads it: the spec it returns maps the old names to the new ones
+  (``RecordSpec.stored_names``), so readers see version 2's fields, and it logs the mapping once per open.
+  Writers always write the current version.
 
 * a TFDS-prepared dataset of ``data.builders`` (``DATA_DIR/<name>/<version>/``, or any folder that
   ``tfds.builder_from_directory`` reads), whose ``metadata.json`` carries our record spec.
@@ -19,9 +25,15 @@ import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from absl import logging
+
 from sc_dpo_jax.data.schema import RecordSpec
 
-FORMAT = "sc_dpo_jax.records/1"
+FORMAT = "sc_dpo_jax.records/2"
+# Older formats that open_source reads, each with its stored feature names that differ from FORMAT's
+# (field name -> stored name; applied where the spec has the field).
+OLD_FORMATS = {"sc_dpo_jax.records/1": {"moments_chosen": "latent_chosen", "moments_rejected": "latent_rejected"}}
+READABLE_FORMATS = (FORMAT,) + tuple(OLD_FORMATS)
 INFO_FILE = "dataset_info.json"
 
 
@@ -124,14 +136,15 @@ def read_info(folder: str) -> Dict[str, Any]:
 
 
 def open_source(path: str, *, split: str = "train") -> Source:
-  """The :class:`Source` of a dataset folder: ours (``dataset_info.json`` with our format) or TFDS-prepared
-  (``split`` chooses the split)."""
+  """The :class:`Source` of a dataset folder: ours (``dataset_info.json`` with our format, current or older)
+  or TFDS-prepared (``split`` chooses the split)."""
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: no such dataset folder")
   info = read_info(path)
-  if info.get("format") == FORMAT:
-    spec = RecordSpec.from_json(info["spec"], where=os.path.join(path, INFO_FILE))
+  if info.get("format") in READABLE_FORMATS:
+    spec = _with_stored_names(RecordSpec.from_json(info["spec"], where=os.path.join(path, INFO_FILE)),
+                              info["format"], path)
     files, counts = [], []
     for i, shard in enumerate(info.get("shards", [])):
       if "file" not in shard or "num_records" not in shard:
@@ -143,6 +156,16 @@ def open_source(path: str, *, split: str = "train") -> Source:
       counts.append(int(shard["num_records"]))
     return Source(files, counts, spec, info.get("name", os.path.basename(path)))
   return _open_tfds(path, split)
+
+
+def _with_stored_names(spec: RecordSpec, version: str, path: str) -> RecordSpec:
+  """``spec`` reading the stored names of format ``version`` (logged when any differ from FORMAT's)."""
+  renamed = {k: v for k, v in OLD_FORMATS.get(version, {}).items() if k in spec.fields}
+  if not renamed:
+    return spec
+  logging.info("%s: format %s; reading %s as %s (%s's names)", path, version, ", ".join(renamed.values()),
+               ", ".join(renamed), FORMAT)
+  return dataclasses.replace(spec, stored_names=tuple(renamed.items()))
 
 
 def _open_tfds(path: str, split: str) -> Source:

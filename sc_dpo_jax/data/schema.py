@@ -14,8 +14,8 @@ field                  stored as    meaning
 ``source_id``          bytes        where the pair came from (e.g. ``pickapic:<ranking_id>``, ``file:line``)
 ``image_chosen``       bytes        encoded image (JPEG/PNG/...) of the chosen (preferred / safe) image
 ``image_rejected``     bytes        ... of the rejected (dispreferred / unsafe) image
-``latent_chosen``      bytes        *or*, instead of the images, VAE latent moments ``[h, w, 2c]`` =
-``latent_rejected``    bytes        ``concat([mean, logvar], -1)`` as raw little-endian ``latent_dtype``
+``moments_chosen``     bytes        *or*, instead of the images, VAE posterior moments ``[h, w, 2c]`` =
+``moments_rejected``   bytes        ``concat([mean, logvar], -1)`` as raw little-endian ``latent_dtype``
 ``text_states``        bytes        optional: text-encoder states ``[L, D]`` of the prompt, raw ``text_dtype``
 ``cost_chosen``        float        optional (both or neither): safety cost of the chosen image
 ``cost_rejected``      float        ... of the rejected image
@@ -25,6 +25,10 @@ field                  stored as    meaning
 "Chosen" is always first: builders of formats that mark the preferred image otherwise (Pick-a-Pic's
 ``label_0``) put it first, as the official Diffusion-DPO code does. For DUO, chosen = safe x+, rejected =
 unsafe x-.
+
+The moments fields are named for what they hold (moments, not latents: readers sample or take the mean).
+Datasets of format ``sc_dpo_jax.records/1`` store them as ``latent_chosen`` / ``latent_rejected``;
+``records.open_source`` reads those under the current names (:attr:`RecordSpec.stored_names`).
 
 **Prompt records** (``kind = "prompt"``): ``prompt``, ``negative_prompt`` (bytes, may be empty), ``seed``
 (int64, -1 = not given), ``guidance`` (float, -1 = not given), ``categories`` (bytes, comma-separated, as
@@ -75,8 +79,13 @@ class RecordSpec:
   text_dtype: str = "float32"
   has_costs: bool = False
   has_harmful_prompt: bool = False
+  # Field name -> the feature name the files store it under, where the two differ (datasets of an older
+  # format; set by ``records.open_source``). Reading (``parse_python``, ``data.decode``) looks fields up under
+  # these names and returns them under the field names; writing always uses the field names. Not in the JSON.
+  stored_names: Tuple[Tuple[str, str], ...] = dataclasses.field(default=(), compare=False)
 
   def __post_init__(self):
+    object.__setattr__(self, "stored_names", tuple((str(k), str(v)) for k, v in dict(self.stored_names).items()))
     if self.kind not in KINDS:
       raise ValueError(f"RecordSpec.kind = {self.kind!r}; choose one of {KINDS}")
     for name in ("latent_shape", "text_states_shape"):
@@ -119,8 +128,8 @@ class RecordSpec:
     """Raw-bytes array fields: name -> (shape, dtype)."""
     out = {}
     if self.kind == PAIR and self.image_format == LATENT:
-      out["latent_chosen"] = (self.latent_shape, self.latent_dtype)
-      out["latent_rejected"] = (self.latent_shape, self.latent_dtype)
+      out["moments_chosen"] = (self.latent_shape, self.latent_dtype)
+      out["moments_rejected"] = (self.latent_shape, self.latent_dtype)
     if self.text_states_shape is not None:
       out["text_states"] = (self.text_states_shape, self.text_dtype)
     return out
@@ -141,14 +150,23 @@ class RecordSpec:
   def fields(self) -> Tuple[str, ...]:
     return self.string_fields + tuple(self.array_fields) + self.float_fields + self.int_fields
 
+  def stored_name(self, name: str) -> str:
+    """The feature name under which the files store field ``name`` (see :attr:`stored_names`)."""
+    return dict(self.stored_names).get(name, name)
+
+  def _label(self, name: str) -> str:
+    stored = self.stored_name(name)
+    return repr(name) if stored == name else f"{name!r} (stored as {stored!r})"
+
   # -- JSON --------------------------------------------------------------------------------------------------
 
   def to_json(self) -> Dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()
+            if k != "stored_names"}
 
   @classmethod
   def from_json(cls, data: Mapping[str, Any], *, where: str = "record spec") -> "RecordSpec":
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} - {"stored_names"}
     unknown = sorted(set(data) - known)
     if unknown:
       raise ValueError(f"{where}: unknown record spec keys {unknown}; known: {sorted(known)}")
@@ -229,7 +247,8 @@ class RecordSpec:
 
   def parse_python(self, serialized: bytes) -> Dict[str, Any]:
     """A serialised record -> dict of Python/numpy values, checked like :meth:`check_record` (the slow,
-    precise path: readers use it to explain a record that the fast graph path rejected)."""
+    precise path: readers use it to explain a record that the fast graph path rejected). Fields are looked up
+    under their :meth:`stored_name` and returned under their field names."""
     from tensorflow.core.example import example_pb2  # pylint: disable=g-import-not-at-top
     try:
       example = example_pb2.Example.FromString(serialized)
@@ -238,23 +257,24 @@ class RecordSpec:
     feats = example.features.feature
     out: Dict[str, Any] = {}
     for name in self.fields:
-      if name not in feats:
-        raise RecordError(f"missing field {name!r}")
-      kind = feats[name].WhichOneof("kind")
+      stored, label = self.stored_name(name), self._label(name)
+      if stored not in feats:
+        raise RecordError(f"missing field {label}")
+      kind = feats[stored].WhichOneof("kind")
       want = ("float_list" if name in self.float_fields else
               "int64_list" if name in self.int_fields else "bytes_list")
       if kind != want:
-        raise RecordError(f"field {name!r} is a {kind}, expected a {want}")
-      values = list(getattr(feats[name], want).value)
+        raise RecordError(f"field {label} is a {kind}, expected a {want}")
+      values = list(getattr(feats[stored], want).value)
       if len(values) != 1:
-        raise RecordError(f"field {name!r} has {len(values)} values, expected 1")
+        raise RecordError(f"field {label} has {len(values)} values, expected 1")
       value = values[0]
       if name in self.array_fields:
         shape, dtype = self.array_fields[name]
         dt = np.dtype(dtype).newbyteorder("<")
         expected = int(np.prod(shape)) * dt.itemsize
         if len(value) != expected:
-          raise RecordError(f"field {name!r} has {len(value)} bytes; shape {tuple(shape)} of {dtype} needs "
+          raise RecordError(f"field {label} has {len(value)} bytes; shape {tuple(shape)} of {dtype} needs "
                             f"{expected} (wrong latent/state shape for this dataset?)")
         value = np.frombuffer(value, dt).reshape(shape)
       out[name] = value

@@ -20,8 +20,8 @@ N = 24
 def _write(folder):
   spec = schema.pair_spec(image_format=schema.LATENT, latent_shape=(2, 2, 8),
                            latent_scaling_factor=0.18215)
-  rows = [dict(prompt=f"prompt {i}", source_id=f"id{i}", latent_chosen=np.full((2, 2, 8), i, np.float32),
-               latent_rejected=np.full((2, 2, 8), -i, np.float32)) for i in range(N)]
+  rows = [dict(prompt=f"prompt {i}", source_id=f"id{i}", moments_chosen=np.full((2, 2, 8), i, np.float32),
+               moments_rejected=np.full((2, 2, 8), -i, np.float32)) for i in range(N)]
   return records.write_records(str(folder), spec, rows, name="pairs", num_shards=1)
 
 

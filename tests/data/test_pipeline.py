@@ -50,8 +50,8 @@ LATENT_SPEC = schema.pair_spec(image_format="latent", latent_shape=(2, 3, 4), la
 def _latent_record(i):
   mean = np.full((2, 3, 2), float(i), np.float32)
   logvar = np.full((2, 3, 2), np.log(4.0), np.float32)            # std 2
-  return dict(prompt=f"prompt {i}", source_id=f"id{i}", latent_chosen=np.concatenate([mean, logvar], -1),
-              latent_rejected=np.concatenate([-mean, logvar], -1), text_states=np.full((3, 5), i, np.float32),
+  return dict(prompt=f"prompt {i}", source_id=f"id{i}", moments_chosen=np.concatenate([mean, logvar], -1),
+              moments_rejected=np.concatenate([-mean, logvar], -1), text_states=np.full((3, 5), i, np.float32),
               harmful_prompt=i % 2)
 
 
@@ -170,6 +170,71 @@ def test_latents_from_moments(latent_source):
   assert abs(np.corrcoef(eps.ravel(), eps_l.ravel())[0, 1]) < 0.15                 # independent noise
 
 
+def _as_format_1(source, folder):
+  """A copy of the dataset ``source`` as format ``sc_dpo_jax.records/1`` wrote it: the same records with the
+  moments under their old feature names ``latent_chosen`` / ``latent_rejected``, and format 1 in the info."""
+  import shutil
+  import tensorflow as tf
+  src = os.path.dirname(source.files[0])
+  shutil.copytree(src, folder)
+  for path in source.files:
+    out = os.path.join(folder, os.path.basename(path))
+    with tf.io.TFRecordWriter(out) as w:
+      for raw in tf.data.TFRecordDataset(path):
+        example = tf.train.Example.FromString(raw.numpy())
+        feats = example.features.feature
+        for which in ("chosen", "rejected"):
+          feats[f"latent_{which}"].CopyFrom(feats[f"moments_{which}"])
+          del feats[f"moments_{which}"]
+        w.write(example.SerializeToString())
+  info = records.read_info(folder)
+  assert info["format"] == records.FORMAT == "sc_dpo_jax.records/2"
+  info["format"] = "sc_dpo_jax.records/1"
+  records.write_json_atomic(os.path.join(folder, records.INFO_FILE), info)
+  return folder
+
+
+def test_format_1_latent_datasets_read_as_the_current_format(latent_source, tmp_path, caplog):
+  """Format 1 stored the moments as latent_chosen / latent_rejected: open_source maps them to moments_chosen /
+  moments_rejected with one logged line, and every reader sees the same records as from format 2."""
+  import logging
+  import tensorflow as tf
+  folder = _as_format_1(latent_source, str(tmp_path / "v1"))
+  raw_old = [r.numpy() for f in sorted(os.listdir(folder)) if f.endswith(".tfrecord")
+             for r in tf.data.TFRecordDataset(os.path.join(folder, f))]
+  old_keys = set(tf.train.Example.FromString(raw_old[0]).features.feature)
+  assert {"latent_chosen", "latent_rejected"} <= old_keys and not old_keys & {"moments_chosen", "moments_rejected"}
+  raw_new = [r.numpy() for f in latent_source.files for r in tf.data.TFRecordDataset(f)]
+  assert {"moments_chosen", "moments_rejected"} <= set(tf.train.Example.FromString(raw_new[0]).features.feature)
+
+  with caplog.at_level(logging.INFO):
+    old = records.open_source(folder)
+  lines = [r.getMessage() for r in caplog.records if "latent_chosen" in r.getMessage()]
+  assert len(lines) == 1 and "sc_dpo_jax.records/1" in lines[0] and "moments_chosen" in lines[0], lines
+  assert old.spec == latent_source.spec and old.spec.to_json() == latent_source.spec.to_json()
+  assert old.spec.stored_name("moments_chosen") == "latent_chosen" and old.spec.stored_name("prompt") == "prompt"
+  assert list(old.num_records) == list(latent_source.num_records)
+
+  for got, want in zip(raw_old, raw_new):                        # the slow path (explain_record's)
+    a, b = old.spec.parse_python(got), latent_source.spec.parse_python(want)
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  for mode in ("sample", "mean", "moments"):                      # the graph path, noise included
+    x, y = _iterator(old, seed=5, latents=mode), _iterator(latent_source, seed=5, latents=mode)
+    for _ in range(3):
+      a, b = next(x), next(y)
+      assert a.keys() == b.keys() and {"latent_chosen", "latent_rejected"}.isdisjoint(a), mode
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{mode}: {key}")
+  lat = _latent_record(0)
+  short = _example(dict(prompt=b"p", source_id=b"s", latent_chosen=lat["moments_chosen"][:, :2].tobytes(),
+                        latent_rejected=lat["moments_rejected"].tobytes(), text_states=lat["text_states"].tobytes(),
+                        harmful_prompt=1))
+  with pytest.raises(RecordError, match=r"'moments_chosen' \(stored as 'latent_chosen'\) has 64 bytes"):
+    old.spec.parse_python(short)
+
+
 def test_tokenizer_adds_input_ids(latent_source):
   batch = next(_iterator(latent_source, tokenizer=lambda prompts: [[len(p), 1] for p in prompts]))
   assert batch["input_ids"].shape == (4, 2)
@@ -203,18 +268,19 @@ def _bad_cases():
   chosen, rejected = _image_pair(0)
   image_fields = dict(prompt=b"p", source_id=b"s", image_chosen=chosen, image_rejected=rejected)
   lat = _latent_record(0)
-  latent_fields = dict(prompt=b"p", source_id=b"s", latent_chosen=lat["latent_chosen"].tobytes(),
-                       latent_rejected=lat["latent_rejected"].tobytes(), text_states=lat["text_states"].tobytes(),
+  latent_fields = dict(prompt=b"p", source_id=b"s", moments_chosen=lat["moments_chosen"].tobytes(),
+                       moments_rejected=lat["moments_rejected"].tobytes(), text_states=lat["text_states"].tobytes(),
                        harmful_prompt=1)
-  nan = lat["latent_rejected"].copy()
+  nan = lat["moments_rejected"].copy()
   nan[0, 0, 0] = np.nan
   return {
       "undecodable": ("image", {**image_fields, "image_rejected": b"\xff\xd8 not a jpeg"},
                       "'image_rejected' is not a decodable image"),
       "missing": ("image", {k: v for k, v in image_fields.items() if k != "prompt"}, "missing field 'prompt'"),
-      "shape": ("latent", {**latent_fields, "latent_chosen": lat["latent_chosen"][:, :2].tobytes()},
-                "'latent_chosen' has 64 bytes; shape (2, 3, 4) of float32 needs 96"),
-      "nonfinite": ("latent", {**latent_fields, "latent_rejected": nan.tobytes()}, "'latent_rejected' has non-finite"),
+      "shape": ("latent", {**latent_fields, "moments_chosen": lat["moments_chosen"][:, :2].tobytes()},
+                "'moments_chosen' has 64 bytes; shape (2, 3, 4) of float32 needs 96"),
+      "nonfinite": ("latent", {**latent_fields, "moments_rejected": nan.tobytes()},
+                    "'moments_rejected' has non-finite"),
       "cost": ("cost", {**image_fields, "cost_chosen": float("inf"), "cost_rejected": 1.0}, "'cost_chosen' = inf"),
       "type": ("cost", {**image_fields, "cost_chosen": 3, "cost_rejected": 1.0}, "'cost_chosen' is a int64_list"),
   }

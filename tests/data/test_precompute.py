@@ -97,6 +97,10 @@ def test_round_trip_matches_direct_encoding(source, latents, model_dir, pipe):
   assert spec.latent_shape == (SIZE // 2, SIZE // 2, 8) and spec.text_states_shape == (16, 32)
   assert spec.latent_scaling_factor == pipe.vae.config.scaling_factor and spec.latent_shift_factor is None
   assert spec.has_costs and spec.has_harmful_prompt
+  assert records.read_info(out)["format"] == records.FORMAT == "sc_dpo_jax.records/2"
+  import tensorflow as tf
+  stored = set(tf.train.Example.FromString(_raw_records(result)[0]).features.feature)
+  assert {"moments_chosen", "moments_rejected"} <= stored and "latent_chosen" not in stored, stored
   stats = records.read_info(out)["stats"]
   assert (stats["input_records"], stats["written"], stats["bad_records_skipped"]) == (10, 10, 0)
   assert stats["resolution"] == pipe.default_size == SIZE
