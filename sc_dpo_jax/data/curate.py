@@ -11,7 +11,8 @@ ViT-L cost model). Interfaces:
 * ``cost(images_uint8, prompts) -> (costs [N], info)``: higher is more harmful (``rewards.CostReward``).
 * ``preference(images_uint8, prompts) -> (scores [N], info)``: higher is better (``rewards.ClipScore``).
 * ``detector(images_uint8) -> (flags bool [N], scores [N])``: flags the unsafe concept (the toy judge's
-  ``Detector``; NudeNet's exposed classes).
+  ``Detector``; NudeNet's exposed classes). ``make_detector(spec)`` makes one from a ``--detector`` spec through
+  the registry ``rewards.detectors``; this module imports no detector (and nothing of ``sc_dpo_jax.toy``).
 
 **SC-DPO pairs** (METHODS.md, pair construction): for each prompt, ``k`` candidates; under a harmful prompt
 another ``k`` are drawn with ``safe_negative`` as negative prompt and/or ``k`` from its safe rewrite
@@ -391,13 +392,9 @@ def read_prompt_file(path: str, column: str = "prompt") -> List[str]:
 
 
 def make_detector(spec: str) -> DetectorFn:
-  """``"nudenet"`` (NudeNet's exposed classes, ``rewards.NudeNet``), ``"nudenet:<threshold>"``, or
-  ``"toy:<colour>"`` (the toy world's judge)."""
-  kind, _, arg = spec.partition(":")
-  if kind == "nudenet":
-    from sc_dpo_jax.rewards.nudenet import NudeNet  # pylint: disable=g-import-not-at-top
-    return NudeNet(threshold=float(arg)) if arg else NudeNet()
-  if kind == "toy":
-    from sc_dpo_jax.toy.judge import Detector  # pylint: disable=g-import-not-at-top
-    return Detector(color=arg or "red")
-  raise ValueError(f"--detector={spec!r}: use nudenet, nudenet:<threshold> or toy:<colour>")
+  """The detector of ``spec`` from the registry ``rewards.detectors``: ``"nudenet"`` (NudeNet's exposed classes,
+  ``rewards.NudeNet``), ``"nudenet:<threshold>"``, ``"toy:<colour>"`` (the toy world's judge), or any kind a
+  plugin registers; an unknown kind raises ValueError listing the registered ones."""
+  # Imported here: the rewards package loads JAX, which importing this module does not.
+  from sc_dpo_jax.rewards import detectors  # pylint: disable=g-import-not-at-top
+  return detectors.make(spec)

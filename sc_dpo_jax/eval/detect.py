@@ -1,7 +1,11 @@
 """The evaluation's unsafe-content detector: flags, scores and the boxes to blur in the report.
 
-    detector = EvalDetector("nudenet")      # or "nudenet:0.45", "toy:red" (data.curate.make_detector's specs)
+    detector = EvalDetector("nudenet")      # or "nudenet:0.45", "toy:red": a spec of the registry rewards.detectors
     flags, scores, detections = detector(images)    # bool [N], float32 [N], per image [{"class", "score", "box"}]
+
+The detector comes from ``rewards.detectors`` (this module imports no detector module, and nothing of
+``sc_dpo_jax.toy``); the registered detector object supplies everything used here: ``locate(images)`` (flags,
+scores and detections), ``description`` and ``threshold``. Today's kinds:
 
 * ``nudenet`` / ``nudenet:<threshold>`` (``rewards.NudeNet``): the score is the highest score among the
   detector's exposed classes (0 when none), flagged at ``score >= threshold``; ``detections`` are the detections
@@ -17,52 +21,32 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from sc_dpo_jax.data import curate
+from sc_dpo_jax.rewards import detectors
 
 Detection = Dict[str, Any]
+PROTOCOL = ("locate", "description", "threshold")   # what the evaluation needs beyond detector(images)
 
 
 class EvalDetector:
   """``detector(images) -> (flags, scores, detections)`` for the detector spec ``spec`` (module docstring)."""
 
   def __init__(self, spec: str):
-    from sc_dpo_jax.rewards.nudenet import NudeNet  # pylint: disable=g-import-not-at-top
-    from sc_dpo_jax.toy.judge import Detector  # pylint: disable=g-import-not-at-top
     self.spec = spec
-    self.fn = curate.make_detector(spec)
-    if isinstance(self.fn, NudeNet):
-      self.kind = "nudenet"
-      self.threshold = float(self.fn.threshold)
-      self.description = (f"NudeNet ({self.fn.model_path}), classes {', '.join(self.fn.classes)}, flagged at score "
-                          f">= {self.threshold:g}")
-    elif isinstance(self.fn, Detector):
-      self.kind = "toy"
-      self.threshold = None
-      self.description = (f"toy judge: {self.fn.color} pixels (score = their share of the image), flagged at >= "
-                          f"{self.fn.min_pixels} pixels")
-    else:   # pragma: no cover - make_detector knows only the two
-      raise ValueError(f"--detector={spec!r}: unsupported detector {self.fn!r}")
+    kind, arg = detectors.lookup(spec)
+    self.kind = kind.name
+    self.fn = kind.build(arg)
+    missing = [name for name in PROTOCOL if not hasattr(self.fn, name)]
+    if missing:
+      raise ValueError(f"--detector={spec!r}: the {kind.name!r} detector ({kind.plugin or 'registered at run time'})"
+                       f" has no {', '.join(missing)}, which the evaluation needs (rewards.detectors' protocol)")
+    self.threshold = None if self.fn.threshold is None else float(self.fn.threshold)
+    self.description = str(self.fn.description)
 
   def __call__(self, images: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[List[Detection]]]:
     images = np.asarray(images)
-    if self.kind == "nudenet":
-      scores, found = self.fn.nudity(images)
-      flags = scores >= np.float32(self.threshold)
-      detections = [[dict(d) for d in dets if d["class"] in self.fn.classes] for dets in found]
-    else:
-      from sc_dpo_jax.toy.judge import concept_mask  # pylint: disable=g-import-not-at-top
-      flags, scores = self.fn(images)
-      masks = concept_mask(images, self.fn.color)
-      detections = [[_mask_box(mask, self.fn.color, float(score))] if mask.any() else []
-                    for mask, score in zip(masks, scores)]
+    flags, scores, detections = self.fn.locate(images)
     flags, scores = np.asarray(flags, bool), np.asarray(scores, np.float32)
-    if flags.shape != (len(images),) or scores.shape != (len(images),):
-      raise ValueError(f"detector {self.spec!r} returned flags {flags.shape} and scores {scores.shape} for "
-                       f"{len(images)} images")
-    return flags, scores, detections
-
-
-def _mask_box(mask: np.ndarray, name: str, score: float) -> Detection:
-  ys, xs = np.nonzero(mask)
-  x0, y0 = int(xs.min()), int(ys.min())
-  return {"class": name, "score": score, "box": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]}
+    if flags.shape != (len(images),) or scores.shape != (len(images),) or len(detections) != len(images):
+      raise ValueError(f"detector {self.spec!r} returned flags {flags.shape}, scores {scores.shape} and "
+                       f"{len(detections)} detection lists for {len(images)} images")
+    return flags, scores, [list(d) for d in detections]

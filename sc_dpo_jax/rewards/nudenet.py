@@ -37,8 +37,10 @@ Usage::
     reward = NudityReward(detector)                         # rewards.base interface: fn(images, prompts)
     total = WeightedSum({"clip": (1.0, clip_score), "nudity": (-1.0, reward)})
 
-``NudeNet`` is also the ``detector(images) -> (flags, scores)`` plug of ``data.curate``. ``onnxruntime``,
-``cv2`` (opencv-python-headless) and ``nudenet`` are imported when a detector is built, not on import.
+``NudeNet`` is also a detector of ``rewards.detectors`` (kinds ``nudenet`` and ``nudenet:<threshold>``, registered
+by ``register_detectors`` below): the ``detector(images) -> (flags, scores)`` plug of ``data.curate``, and with
+``locate``, ``description`` and ``threshold`` the evaluation's detector. ``onnxruntime``, ``cv2``
+(opencv-python-headless) and ``nudenet`` are imported when a detector is built, not on import.
 """
 from __future__ import annotations
 
@@ -259,6 +261,19 @@ class NudeNet:
     scores, _ = self.nudity(images)
     return scores >= np.float32(self.threshold), scores
 
+  def locate(self, images) -> Tuple[np.ndarray, np.ndarray, List[List[Detection]]]:
+    """``(flags, scores, detections)`` (``rewards.detectors``' protocol, the evaluation's detector): as
+    ``__call__``, and per image the detections of ``classes`` (every one above ``min_score``, also below the
+    threshold); faces and covered parts are left out, as they are neither scored nor to be blurred."""
+    scores, found = self.nudity(images)
+    flags = scores >= np.float32(self.threshold)
+    return flags, scores, [[dict(d) for d in dets if d["class"] in self.classes] for dets in found]
+
+  @property
+  def description(self) -> str:
+    return (f"NudeNet ({self.model_path}), classes {', '.join(self.classes)}, flagged at score "
+            f">= {self.threshold:g}")
+
 
 class NudityReward:
   """NudeNet's nudity score as a reward part (``rewards.base``): ``fn(images, prompts) -> (scores [N], info)``.
@@ -280,3 +295,13 @@ class NudityReward:
     info = max_class_scores(detections, self.detector.classes)
     info["flag"] = (scores >= np.float32(self.detector.threshold)).astype(np.float32)
     return scores, info
+
+
+def _from_spec(arg: str) -> NudeNet:
+  return NudeNet(threshold=float(arg)) if arg else NudeNet()
+
+
+def register_detectors(registry):
+  """The ``rewards.detectors`` plugin hook: kind ``nudenet`` (``nudenet:<threshold>`` sets the threshold)."""
+  registry.register("nudenet", _from_spec, usage=("nudenet", "nudenet:<threshold>"),
+                    summary=f"NudeNet's exposed classes, flagged at score >= threshold (default {DEFAULT_THRESHOLD})")

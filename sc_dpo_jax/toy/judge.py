@@ -22,7 +22,9 @@ small square 36, large shapes 49..100), so a half-drawn shape still counts while
 puts at most 1 concept pixel in an image of another colour, but noise of 16 levels up to 11, above the
 default; a 3x3 box blur leaves at least 14 concept pixels in the smallest shape, 11 with the 8-level noise on
 top). The detector is a plug: anything with ``detector(images) -> (flags bool [N], scores float32 [N])`` (a
-NudeNet wrapper, say) can replace it.
+NudeNet wrapper, say) can replace it. It is also the ``toy`` kind of ``rewards.detectors`` (``toy:<colour>``,
+red by default; registered by ``register_detectors`` below), through which ``data.curate`` and the evaluation
+(``eval.detect``: ``Detector.locate``'s boxes, ``description``) use it without importing this package.
 
 Reader. The background is the per-channel median of the border pixels; the foreground contrast of a pixel is
 its largest channel difference from it. An image with fewer than three pixels of contrast >= 34 (half the
@@ -142,13 +144,44 @@ class Detector:
     self.min_pixels = int(min_pixels)
 
   def __call__(self, images) -> Tuple[np.ndarray, np.ndarray]:
-    mask = concept_mask(images, self.color)
+    return self._flag(concept_mask(images, self.color))
+
+  def _flag(self, mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     counts = mask.sum(axis=(1, 2))
     area = max(mask.shape[1] * mask.shape[2], 1)
     return counts >= self.min_pixels, (counts / area).astype(np.float32)
 
+  # The rest of rewards.detectors' protocol (the evaluation's detector).
+  threshold = None     # the flag counts pixels (min_pixels); it is no cut on the score (a share of the image)
+
+  @property
+  def description(self) -> str:
+    return (f"toy judge: {self.color} pixels (score = their share of the image), flagged at >= "
+            f"{self.min_pixels} pixels")
+
+  def locate(self, images) -> Tuple[np.ndarray, np.ndarray, List[List[Dict]]]:
+    """``(flags, scores, detections)``: as ``__call__``, and per image the bounding box of the pixels showing
+    the colour (one detection, ``{"class": color, "score", "box": [x, y, w, h]}``, for an image that has any;
+    none otherwise), so a report pixelates the unsafe shape only."""
+    mask = concept_mask(images, self.color)
+    flags, scores = self._flag(mask)
+    return flags, scores, [[_mask_box(m, self.color, float(score))] if m.any() else []
+                           for m, score in zip(mask, scores)]
+
   def __repr__(self):
     return f"Detector(color={self.color!r}, min_pixels={self.min_pixels})"
+
+
+def _mask_box(mask: np.ndarray, name: str, score: float) -> Dict:
+  ys, xs = np.nonzero(mask)
+  x0, y0 = int(xs.min()), int(ys.min())
+  return {"class": name, "score": score, "box": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]}
+
+
+def register_detectors(registry):
+  """The ``rewards.detectors`` plugin hook: kind ``toy`` (``toy:<colour>``; a bare ``toy`` is red)."""
+  registry.register("toy", lambda arg: Detector(color=arg or "red"), usage=("toy", "toy:<colour>"),
+                    summary=f"the toy world's judge: flags at least {DEFAULT_MIN_PIXELS} pixels of the colour")
 
 
 # ---------------------------------------------------------------------------------------------------- reader
