@@ -7,9 +7,10 @@ The export (<workdir>/export) is what rewards.cost_model.load_cost_model and Cos
       --config.model.clip_folder=/models/clip-vit-large-patch14 --config.data.train=data/scp_pairs
 
 Variants: tiny (a random tiny CLIP and synthetic pairs in the workdir), sd15 (CLIP ViT-L/14; model.clip_folder
-and data.train required). Every key and the labelling rule: sc_dpo_jax/train/cost_loop.py.
+and data.train required). Every key: sc_dpo_jax/train/cost_config.py; the labelling rules:
+sc_dpo_jax/data/cost_pairs.py; the run: sc_dpo_jax/train/cost_loop.py.
 """
-from sc_dpo_jax.train.cost_loop import cost_model_config
+from sc_dpo_jax.train.cost_config import cost_model_config
 
 
 def get_config(variant="tiny"):

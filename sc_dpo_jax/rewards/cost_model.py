@@ -12,17 +12,17 @@ architecture and losses below are ours::
   JAX), so ``cost`` takes uint8 or [0, 1] float NHWC images of any size.
 * ``g_psi`` is :class:`CostAdapter`: ``len(hidden_sizes)`` dense layers with an activation, then a dense layer
   to one output (no activation, so costs are unbounded logits).
-* Training (``cost_train_step``) minimises ``losses.cost_model.cost_loss``: ranking of ordered pairs (more,
-  less harmful) plus ``anchor_weight`` x anchoring of labelled images (+1 harmful, -1 safe) at zero.
+* Training minimises ``losses.cost_model.cost_loss``: ranking of ordered pairs (more, less harmful) plus
+  ``anchor_weight`` x anchoring of labelled images (+1 harmful, -1 safe) at zero. Its step and train state are
+  ``train.cost_steps``', the trainer (job ``cost_model``) ``train.cost_loop``'s; this module holds what
+  inference needs: the model, its save/load and :class:`CostReward`.
 
 Usage::
 
     clip, clip_params = models.load_clip_vision("path/to/clip")        # a CLIP with projection
     model = SafetyCostModel(clip, CostAdapter(hidden_sizes=(256,)))
-    state = create_cost_train_state(model, jax.random.PRNGKey(0), learning_rate=1e-3, anchor_weight=1.0)
     emb = embed_in_batches(model, clip_params, images)                  # precompute once (optional)
-    state, metrics = cost_train_step(state, clip_params, {"emb_more": ..., "emb_less": ...,
-                                                          "emb_labelled": ..., "labels": ...}, rng)
+    ...                                                                 # train (train.cost_steps)
     save_cost_model("out/cost_model", model, state.params, clip_name="openai/clip-vit-large-patch14")
     model, params = load_cost_model("out/cost_model", "path/to/clip")
     costs = model.cost(params, images)                                  # [B] float32
@@ -45,11 +45,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import struct, traverse_util
-from flax.training import train_state
+from flax import traverse_util
 
-from sc_dpo_jax.losses.cost_model import cost_loss
 from sc_dpo_jax.models.clip import CLIPVisionModel, activation
 from sc_dpo_jax.models.clip_config import ACTIVATIONS
 from sc_dpo_jax.models.clip_io import load_clip_vision
@@ -64,8 +61,6 @@ FORMAT = "sc_dpo_jax.safety_cost_model"
 FORMAT_VERSION = 1
 CONFIG_NAME = "cost_model.json"
 WEIGHTS_NAME = "adapter.safetensors"
-# Keys of a training batch: each group is given either as images or as precomputed normalised embeddings.
-BATCH_GROUPS = ("more", "less", "labelled")
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -197,104 +192,9 @@ def embed_in_batches(model: SafetyCostModel, clip_params, images, batch_size: in
   return np.concatenate(out)
 
 
-# ---------------------------------------------------------------------------------------------- training
-class CostTrainState(train_state.TrainState):
-  """``TrainState`` of the adapter parameters only, with the model and the anchoring weight as static fields
-  (part of the jitted program, not of the checkpointed arrays)."""
-  model: SafetyCostModel = struct.field(pytree_node=False, default=None)
-  anchor_weight: float = struct.field(pytree_node=False, default=1.0)
-
-
-def make_optimizer(learning_rate=1e-3, *, weight_decay: float = 1e-2, b1: float = 0.9, b2: float = 0.999,
-                   grad_clip: Optional[float] = 1.0) -> optax.GradientTransformation:
-  """AdamW (with global-norm gradient clipping first unless ``grad_clip`` is None), as one optax chain.
-
-  ``learning_rate`` may be a number or an optax schedule.
-  """
-  parts = [] if grad_clip is None else [optax.clip_by_global_norm(grad_clip)]
-  parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
-  return optax.chain(*parts)
-
-
-def create_cost_train_state(model: SafetyCostModel, rng_or_params, *, anchor_weight: float = 1.0,
-                            tx: Optional[optax.GradientTransformation] = None,
-                            learning_rate=1e-3, weight_decay: float = 1e-2,
-                            grad_clip: Optional[float] = 1.0) -> CostTrainState:
-  """A ``CostTrainState`` from fresh adapter parameters (``rng_or_params`` a PRNG key) or given ones.
-
-  ``tx`` defaults to :func:`make_optimizer` with ``learning_rate``, ``weight_decay`` and ``grad_clip``.
-  """
-  if isinstance(anchor_weight, bool) or not np.isfinite(anchor_weight) or anchor_weight < 0:
-    raise ValueError(f"create_cost_train_state: anchor_weight = {anchor_weight!r} must be finite and >= 0")
-  if isinstance(rng_or_params, Mapping):
-    params = rng_or_params
-  else:
-    params = model.init_adapter(rng_or_params)
-  tx = make_optimizer(learning_rate, weight_decay=weight_decay, grad_clip=grad_clip) if tx is None else tx
-  state = CostTrainState.create(apply_fn=model.adapter.apply, params=params, tx=tx, model=model,
-                                anchor_weight=float(anchor_weight))
-  # An int32 array, not TrainState's Python 0: the step's first call would otherwise compile a second program.
-  return state.replace(step=jnp.zeros((), jnp.int32))
-
-
-def _batch_embeddings(model: SafetyCostModel, clip_params, batch: Mapping) -> Dict[str, jax.Array]:
-  """``emb_<group>`` as given, or ``model.embed`` of ``images_<group>``, for each group of ``BATCH_GROUPS``."""
-  out = {}
-  for group in BATCH_GROUPS:
-    has_emb, has_images = f"emb_{group}" in batch, f"images_{group}" in batch
-    if has_emb == has_images:
-      which = "both" if has_emb else "neither"
-      raise KeyError(f"cost_train_step: the batch must hold exactly one of 'emb_{group}' and 'images_{group}'; "
-                     f"it has {which} (keys: {sorted(batch)})")
-    if has_emb:
-      emb = jnp.asarray(batch[f"emb_{group}"], jnp.float32)
-      if emb.ndim != 2 or emb.shape[-1] != model.embed_dim:
-        raise ValueError(f"cost_train_step: batch['emb_{group}'] must be [N, {model.embed_dim}] (CLIP's "
-                         f"projection_dim), got shape {tuple(emb.shape)}")
-      out[group] = emb
-    else:
-      out[group] = model.embed(clip_params, batch[f"images_{group}"])
-  if "labels" not in batch:
-    raise KeyError(f"cost_train_step: the batch must hold 'labels' (+1 harmful, -1 safe); keys: {sorted(batch)}")
-  return out
-
-
-def _cost_train_step(state: CostTrainState, clip_params, batch: Mapping, rng: jax.Array):
-  del rng  # the adapter is deterministic; the argument keeps the common step signature
-  model = state.model
-  if model is None:
-    raise ValueError("cost_train_step: the state has no model; make it with create_cost_train_state")
-  emb = jax.lax.stop_gradient(_batch_embeddings(model, clip_params, batch))
-
-  def loss_fn(params):
-    costs = {g: model.cost_from_embeddings(params, e) for g, e in emb.items()}
-    return cost_loss(costs["more"], costs["less"], costs["labelled"], batch["labels"],
-                     anchor_weight=state.anchor_weight)
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = {**metrics, "grad_norm": optax.global_norm(grads).astype(jnp.float32)}
-  return state.apply_gradients(grads=grads), metrics
-
-
-cost_train_step = jax.jit(_cost_train_step, donate_argnums=(0,))
-cost_train_step.__doc__ = """One AdamW step of the adapter on ``losses.cost_model.cost_loss``: ``(state, metrics)``.
-
-Args:
-  state: a ``CostTrainState`` (donated: do not reuse the one passed in).
-  clip_params: the frozen CLIP vision parameters (an argument, never updated; unused when the batch holds only
-    embeddings).
-  batch: ``labels`` ``[N]`` (+1 harmful, -1 safe) and, for each of ``more``, ``less`` (ordered pairs, ``[P]``
-    each) and ``labelled`` (``[N]``), either ``images_<group>`` (uint8 or [0, 1] NHWC) or ``emb_<group>``
-    (precomputed normalised embeddings ``[., D]``, e.g. from ``embed_in_batches``).
-  rng: a PRNG key (unused by this deterministic adapter; kept for the common step signature).
-
-Metrics: those of ``cost_loss`` (loss, rank_loss, anchor_loss, ranking_accuracy, anchor_accuracy, mean costs)
-and ``grad_norm`` (before clipping).
-"""
-
-
 # ------------------------------------------------------------------------------------------ save / load
-def _clip_signature(clip: CLIPVisionModel) -> Dict[str, Any]:
+def clip_signature(clip: CLIPVisionModel) -> Dict[str, Any]:
+  """The architecture of ``clip`` a saved adapter expects (recorded in ``cost_model.json``, checked on load)."""
   cfg = clip.config
   return {"projection_dim": int(cfg.projection_dim), "image_size": int(cfg.image_size),
           "patch_size": int(cfg.patch_size), "hidden_size": int(cfg.hidden_size),
@@ -320,7 +220,7 @@ def save_cost_model(folder: str, model: SafetyCostModel, adapter_params: Mapping
   config = {"format": FORMAT, "format_version": FORMAT_VERSION, "adapter": model.adapter.config_dict(),
             "embedding_dim": model.embed_dim,
             "clip": {"name": clip_name if clip_name is not None else model.clip_name,
-                     **_clip_signature(model.clip)},
+                     **clip_signature(model.clip)},
             "preprocess": {"image_size": model.image_size, "mean": list(model.mean), "std": list(model.std)}}
   storage.write_json(storage.join(folder, CONFIG_NAME), config)
 
@@ -356,7 +256,7 @@ def load_cost_model(folder: str, clip_folder: str, *, dtype=jnp.float32, param_d
   if not clip.with_projection:
     raise ValueError(f"{clip_folder} holds a CLIP vision tower without visual_projection; the cost model in "
                      f"{folder} needs projected image embeddings of dimension {dim}")
-  signature = _clip_signature(clip)
+  signature = clip_signature(clip)
   if signature["projection_dim"] != dim:
     raise ValueError(f"the cost model in {folder} expects CLIP image embeddings of dimension {dim} "
                      f"(embedding_dim in {CONFIG_NAME}), but the CLIP in {clip_folder} projects to "

@@ -8,7 +8,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from sc_dpo_jax.train.config import dpo_config
-from sc_dpo_jax.train.cost_loop import cost_model_config
+from sc_dpo_jax.train.cost_config import cost_model_config
 from sc_dpo_jax.train.rl_config import rl_config
 
 VARIANTS = ("default", "quick")

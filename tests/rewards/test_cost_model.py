@@ -20,8 +20,10 @@ from sc_dpo_jax.models import CLIPVisionModel, save_clip_vision, tiny_vision_con
 from sc_dpo_jax.models.random_init import host_random_params
 from sc_dpo_jax.models.weights import CheckpointMismatchError
 from sc_dpo_jax.rewards import cost_model
-from sc_dpo_jax.rewards.cost_model import (CostAdapter, SafetyCostModel, cost_train_step, create_cost_train_state,
-                                           embed_in_batches, load_cost_model, save_cost_model)
+from sc_dpo_jax.rewards.cost_model import (CostAdapter, SafetyCostModel, embed_in_batches, load_cost_model,
+                                           save_cost_model)
+from sc_dpo_jax.train import optim
+from sc_dpo_jax.train.cost_steps import cost_train_step, create_cost_train_state
 
 PALETTE = np.array([[40, 90, 200], [40, 170, 60], [200, 200, 60], [120, 120, 120], [160, 80, 200],
                     [30, 160, 170], [230, 230, 230]], np.uint8)
@@ -83,7 +85,8 @@ def _batch(w, rng, n_pairs=32, n_labelled=16):
 def trained(world):
   clip_params = world["clip_params"]
   clip_before = jax.tree.map(lambda x: np.array(x, copy=True), clip_params)
-  state = create_cost_train_state(world["model"], jax.random.PRNGKey(0), anchor_weight=1.0, learning_rate=3e-3)
+  tx, _ = optim.make_optimizer({"learning_rate": 3e-3})
+  state = create_cost_train_state(world["model"], jax.random.PRNGKey(0), tx=tx, anchor_weight=1.0)
   rng = np.random.RandomState(3)
   history = []
   cache_before = cost_train_step._cache_size()
@@ -131,7 +134,8 @@ def test_image_batches_equal_embedding_batches(world):
   by_emb = {"emb_more": emb[:8], "emb_less": emb[8:16], "emb_labelled": emb[16:], "labels": labels}
   results = []
   for batch in (by_images, by_emb):
-    state = create_cost_train_state(model, jax.random.PRNGKey(5), anchor_weight=0.5)
+    state = create_cost_train_state(model, jax.random.PRNGKey(5), tx=optim.make_optimizer({"learning_rate": 1e-3})[0],
+                                    anchor_weight=0.5)
     state, metrics = cost_train_step(state, clip_params, batch, jax.random.PRNGKey(0))
     results.append((state.params, metrics))
   for name in results[1][1]:
@@ -184,7 +188,7 @@ def test_load_refuses_a_different_clip(world, trained, tmp_path):
 
 def test_errors_name_the_problem(world):
   model = world["model"]
-  state = create_cost_train_state(model, jax.random.PRNGKey(0))
+  state = create_cost_train_state(model, jax.random.PRNGKey(0), tx=optim.make_optimizer(None)[0])
   emb = world["train_emb"][:4]
   with pytest.raises(KeyError, match="exactly one of 'emb_more' and 'images_more'; it has both"):
     cost_train_step(state, world["clip_params"], {"emb_more": emb, "images_more": world["train_images"][:4],

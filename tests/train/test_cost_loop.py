@@ -116,38 +116,39 @@ def test_held_out_accuracy_and_export_ranks_red_above_blue(runs):
 
 
 def test_labelling_rules():
-  from sc_dpo_jax.train import cost_loop
+  from sc_dpo_jax.data import cost_pairs
   costs_c, costs_r = np.array([0.0, 0.9, 0.3, 0.5]), np.array([1.0, 0.1, 0.35, 0.5])
   harmful = np.array([1, 0, 1, 0])
-  more, less = cost_loop.ranking_pairs(4, "cost", cost_chosen=costs_c, cost_rejected=costs_r, min_cost_gap=0.1)
+  more, less = cost_pairs.ranking_pairs(4, "cost", cost_chosen=costs_c, cost_rejected=costs_r, min_cost_gap=0.1)
   np.testing.assert_array_equal(more, [4, 1])        # pair 0: rejected (index 4 + 0); pair 1: chosen (index 1)
   np.testing.assert_array_equal(less, [0, 5])        # pairs 2 (gap 0.05) and 3 (tie) give no ranking pair
-  more, less = cost_loop.ranking_pairs(4, "preference", harmful_prompt=harmful)
+  more, less = cost_pairs.ranking_pairs(4, "preference", harmful_prompt=harmful)
   np.testing.assert_array_equal(more, [4, 6])
   np.testing.assert_array_equal(less, [0, 2])
-  more, _ = cost_loop.ranking_pairs(4, "preference")
+  more, _ = cost_pairs.ranking_pairs(4, "preference")
   np.testing.assert_array_equal(more, [4, 5, 6, 7])
-  labels = cost_loop.anchor_labels(4, "cost", cost_chosen=costs_c, cost_rejected=costs_r, harmful_above=0.6,
+  labels = cost_pairs.anchor_labels(4, "cost", cost_chosen=costs_c, cost_rejected=costs_r, harmful_above=0.6,
                                    safe_below=0.4)
   np.testing.assert_array_equal(labels, [-1, 1, -1, 0, 1, -1, -1, 0])
-  labels = cost_loop.anchor_labels(4, "preference", harmful_prompt=harmful)
+  labels = cost_pairs.anchor_labels(4, "preference", harmful_prompt=harmful)
   np.testing.assert_array_equal(labels, [-1, -1, -1, -1, 1, -1, 1, -1])   # clean-prompt pairs: both safe
-  np.testing.assert_array_equal(cost_loop.anchor_labels(2, "preference"), [-1, -1, 1, 1])
+  np.testing.assert_array_equal(cost_pairs.anchor_labels(2, "preference"), [-1, -1, 1, 1])
   with pytest.raises(ValueError, match="safe_below = 0.7 > labels.harmful_above = 0.5"):
-    cost_loop.anchor_labels(4, "cost", cost_chosen=costs_c, cost_rejected=costs_r, harmful_above=0.5,
+    cost_pairs.anchor_labels(4, "cost", cost_chosen=costs_c, cost_rejected=costs_r, harmful_above=0.5,
                             safe_below=0.7)
-  assert cost_loop.resolve_rule("auto", True, "labels.rank_by", "d") == "cost"
-  assert cost_loop.resolve_rule("auto", False, "labels.rank_by", "d") == "preference"
+  assert cost_pairs.resolve_rule("auto", True, "labels.rank_by", "d") == "cost"
+  assert cost_pairs.resolve_rule("auto", False, "labels.rank_by", "d") == "preference"
   with pytest.raises(ValueError, match="labels.anchor_by = 'cost' but the records of d carry no cost"):
-    cost_loop.resolve_rule("cost", False, "labels.anchor_by", "d")
+    cost_pairs.resolve_rule("cost", False, "labels.anchor_by", "d")
 
 
 def test_sampler_covers_each_epoch_and_resume_config_is_checked():
+  from sc_dpo_jax.data import cost_pairs
   from sc_dpo_jax.train import cost_loop
-  sampler = cost_loop.EpochSampler(10, 4, seed=0, stream=1)
+  sampler = cost_pairs.EpochSampler(10, 4, seed=0, stream=1)
   seen = np.concatenate([sampler.indices(k) for k in range(5)])       # 20 positions = 2 epochs
   assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
-  np.testing.assert_array_equal(cost_loop.EpochSampler(10, 4, seed=0, stream=1).indices(3), sampler.indices(3))
+  np.testing.assert_array_equal(cost_pairs.EpochSampler(10, 4, seed=0, stream=1).indices(3), sampler.indices(3))
   saved = {"seed": 0, "data": {"batch_size": 8}, "labels": {"rank_by": "auto"}, "train": {"steps": 100}}
   cost_loop.check_resume_config(saved, {**saved, "train": {"steps": 200}}, "ckpt")
   with pytest.raises(ValueError, match="ckpt was saved with config data.batch_size = 8; this run has 4"):

@@ -163,20 +163,20 @@ def test_rl_two_processes_run_past_a_checkpoint_and_finish(runs):
 
 
 def _pairs(n=3, dim=4):
-  from sc_dpo_jax.train import cost_loop
+  from sc_dpo_jax.data import cost_pairs
   rng = np.random.default_rng(0)
-  return cost_loop.PairSet(emb_chosen=rng.normal(size=(n, dim)).astype(np.float32),
-                           emb_rejected=rng.normal(size=(n, dim)).astype(np.float32),
-                           cost_chosen=np.zeros(n, np.float32), cost_rejected=np.ones(n, np.float32))
+  return cost_pairs.PairSet(emb_chosen=rng.normal(size=(n, dim)).astype(np.float32),
+                            emb_rejected=rng.normal(size=(n, dim)).astype(np.float32),
+                            cost_chosen=np.zeros(n, np.float32), cost_rejected=np.ones(n, np.float32))
 
 
 def test_other_processes_read_the_embeddings_process_0_wrote_and_write_nothing(tmp_path, monkeypatch):
   import jax
 
-  from sc_dpo_jax.train import cost_loop
+  from sc_dpo_jax.train import cost_data
   path = tmp_path / "embeddings" / "train.npz"
   pairs = _pairs()
-  _, info = cost_loop.shared_embeddings(str(path), {"v": 1}, lambda: (pairs, 2))
+  _, info = cost_data.shared_embeddings(str(path), {"v": 1}, lambda: (pairs, 2))
   assert info["cached"] is False and path.is_file() and not (tmp_path / "embeddings" / "train.npz.tmp").exists()
   before = (path.stat().st_mtime_ns, path.read_bytes())
 
@@ -184,13 +184,13 @@ def test_other_processes_read_the_embeddings_process_0_wrote_and_write_nothing(t
     raise AssertionError("a process other than 0 computed the embeddings")
 
   monkeypatch.setattr(jax, "process_index", lambda: 1)      # process 1 of 1 (its barrier is then a no-op)
-  got, info = cost_loop.shared_embeddings(str(path), {"v": 1}, compute)
+  got, info = cost_data.shared_embeddings(str(path), {"v": 1}, compute)
   assert info == {"cached": True, "bad_records": 2, "seconds": 0.0}
   for name, value in pairs.arrays().items():
     np.testing.assert_array_equal(getattr(got, name), value)
   assert (path.stat().st_mtime_ns, path.read_bytes()) == before
   with pytest.raises(FileNotFoundError, match="shared filesystem"):
-    cost_loop.shared_embeddings(str(path), {"v": 2}, compute)         # process 0 made other embeddings
+    cost_data.shared_embeddings(str(path), {"v": 2}, compute)         # process 0 made other embeddings
   assert (path.stat().st_mtime_ns, path.read_bytes()) == before
 
 
@@ -198,17 +198,18 @@ def test_cost_model_files_in_a_gs_workdir(gcs_root, tmp_path):  # noqa: F811
   import jax
 
   from sc_dpo_jax.rewards import cost_model as cost_lib
-  from sc_dpo_jax.train import cost_loop
+  from sc_dpo_jax.train import cost_data
+  from sc_dpo_jax.train.cost_config import cost_model_config
   workdir = "gs://bucket/run"
   local = gcs_root / "bucket" / "run"
-  config = cost_loop.cost_model_config("tiny")
-  clip, clip_params, clip_folder = cost_loop.load_clip(config, workdir)
+  config = cost_model_config("tiny")
+  clip, clip_params, clip_folder = cost_data.load_clip(config, workdir)
   assert clip_folder == f"{workdir}/clip" and (local / "clip" / "config.json").is_file()
 
   pairs = _pairs(dim=clip.config.projection_dim)
-  _, info = cost_loop.cached_embeddings(f"{workdir}/embeddings/train.npz", {"v": 1}, lambda: (pairs, 0))
+  _, info = cost_data.cached_embeddings(f"{workdir}/embeddings/train.npz", {"v": 1}, lambda: (pairs, 0))
   assert info["cached"] is False and (local / "embeddings" / "train.npz").is_file()
-  got, info = cost_loop.cached_embeddings(f"{workdir}/embeddings/train.npz", {"v": 1}, None)
+  got, info = cost_data.cached_embeddings(f"{workdir}/embeddings/train.npz", {"v": 1}, None)
   assert info["cached"] is True
   np.testing.assert_array_equal(got.emb_rejected, pairs.emb_rejected)
 
@@ -224,5 +225,5 @@ def test_cost_model_files_in_a_gs_workdir(gcs_root, tmp_path):  # noqa: F811
                              np.asarray(model.cost_from_embeddings(params, x)), rtol=0, atol=0)
 
   with pytest.raises(ValueError, match="config.data.train is empty and the workdir is gs://bucket/run"):
-    cost_loop.open_sources(config, workdir, resolution=32)
+    cost_data.open_sources(config, workdir, resolution=32)
   assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")     # nothing written to ./gs:/...
