@@ -103,7 +103,7 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None, profile_steps: int
   from sc_dpo_jax import diffusion, parallel  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.data import device as device_lib  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.models.random_init import host_random_params  # pylint: disable=g-import-not-at-top
-  from sc_dpo_jax.train import dpo_steps, guard, optim  # pylint: disable=g-import-not-at-top
+  from sc_dpo_jax.train import dpo_steps, guard, optim, sharded_state  # pylint: disable=g-import-not-at-top
 
   c = config
   objective = dpo_steps.resolve_config(c.objective)
@@ -121,12 +121,13 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None, profile_steps: int
   lora = {k: c.lora[k] for k in ("rank", "alpha", "targets")} if c.lora.enabled else None
   rng = jax.random.PRNGKey(c.seed)
   empty = np.zeros((1,) + tuple(text_shape), np.float32)
-  state, frozen, shardings = parallel.sharded_train_state(
-      params, tx, lr, mesh=mesh, param_specs=parallel.module_logical_specs(unet), min_shard_size=c.min_shard_size,
+  state, frozen, shardings = sharded_state.sharded_train_state(
+      params, tx, lr, mesh=mesh, param_specs=parallel.module_logical_specs(unet),
+      rules=parallel.rules_from_config(c.mesh_rules), min_shard_size=c.min_shard_size,
       lora=lora, rng=jax.random.fold_in(rng, 1), ref_dtype=None if lora else jnp.dtype(c.model.ref_dtype),
       empty_text=empty)
   del params
-  fn = guard.skip_nonfinite(dpo_steps.make_dpo_step(unet, schedule, objective).fn)
+  fn = guard.skip_nonfinite(dpo_steps.dpo_step_fn(unet, schedule, objective))
   step = parallel.make_sharded_step(fn, shardings)
   host = np.random.default_rng(0)
   local = batch_size // jax.process_count()

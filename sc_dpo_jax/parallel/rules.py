@@ -49,6 +49,9 @@ dominates for small sizes. In SD1.5's UNet they are 406 of the 686 leaves but 0.
 
 No rule names ``data``: along it, parameters are replicated and only the batch is split
 (``data.device.batch_sharding`` splits the batch over ("data", "fsdp")).
+
+A run config sets the rules with ``config.mesh_rules`` (None: :data:`DEFAULT_RULES`; or a list of
+``(logical name, mesh axes)`` pairs, priority order as above), read and checked by :func:`rules_from_config`.
 """
 from __future__ import annotations
 
@@ -60,6 +63,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sc_dpo_jax.parallel.mesh import AXES
 
 MeshAxes = Union[None, str, Tuple[str, ...]]
 Rule = Tuple[str, MeshAxes]
@@ -159,6 +164,45 @@ def normalize_rules(rules: Optional[Rules]) -> Tuple[Rule, ...]:
       raise ValueError(f"logical axis rule #{i} {rule!r}: the mesh axes must be None, a name or distinct names")
     out.append((name, axes))
   return tuple(out)
+
+
+CONFIG_KEY = "config.mesh_rules"
+
+
+def rules_from_config(value: Any, key: str = CONFIG_KEY) -> Optional[Tuple[Rule, ...]]:
+  """The logical axis rules a run config asks for (``config.mesh_rules``), checked; every error names ``key``.
+
+  ``value`` None: the default rules (returns None, which every function here reads as :data:`DEFAULT_RULES`).
+  Otherwise a non-empty sequence of ``(logical name, mesh axes)`` pairs in priority order (what a config file,
+  its JSON copy or ``--config.mesh_rules="(('embed', 'fsdp'), ...)"`` holds: tuples or lists), the mesh axes
+  None, one of the mesh's axis names (``parallel.mesh.AXES``) or a sequence of them. The rules must decide
+  every logical name the default rules decide (``(name, None)`` replicates a dim), so that a missing name
+  fails here rather than when some model's parameters are placed. Returns the rules as
+  :func:`normalize_rules` gives them.
+  """
+  if value is None:
+    return None
+  if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
+    raise ValueError(f"{key} must be None (the default rules) or a sequence of (logical name, mesh axes) pairs "
+                     f"in priority order, got {type(value).__name__} {value!r}")
+  if not value:
+    raise ValueError(f"{key} is empty: set it to None for the default rules (parallel.DEFAULT_RULES), or list "
+                     f"(logical name, mesh axes) pairs")
+  try:
+    rules = normalize_rules(value)
+  except ValueError as e:
+    raise ValueError(f"{key}: {e}") from None
+  for i, (name, axes) in enumerate(rules):
+    unknown = [a for a in axes or () if a not in AXES]
+    if unknown:
+      raise ValueError(f"{key}: logical axis rule #{i} ({name!r}, {axes!r}) names mesh axis {unknown[0]!r}; the "
+                       f"mesh axes are {AXES}")
+  missing = sorted(rule_names(DEFAULT_RULES) - rule_names(rules))
+  if missing:
+    raise ValueError(f"{key} decides no mesh axes for the logical name(s) {missing}: add a rule for each, e.g. "
+                     f"({missing[0]!r}, None) to keep those dims replicated (the default rules are "
+                     f"parallel.DEFAULT_RULES)")
+  return rules
 
 
 def rule_names(rules: Optional[Rules] = None) -> frozenset:

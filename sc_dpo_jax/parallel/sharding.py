@@ -1,21 +1,18 @@
-"""Placing trees on a mesh: sharded init, sharded train state and frozen dict, and the sharded step.
+"""Placing trees on a mesh: sharded init, tree placement, optimiser-state shardings, and the sharded step.
 
-The training driver's sequence::
-
-    mesh = parallel.make_mesh(config.mesh)
-    unet_specs = parallel.module_logical_specs(unet)                       # abstract init: logical names
-    state, frozen, shardings = parallel.sharded_train_state(
-        params, tx, lr_schedule, mesh=mesh, param_specs=unet_specs, rules=config.get("rules"),
-        lora=config.lora, rng=rng, empty_text=empty)                       # created sharded, on the devices
-    logging.info(shardings.unet_plan.describe("UNet"))
-    step = parallel.make_sharded_step(make_dpo_step(unet, schedule, config.objective), shardings)
+    params = parallel.sharded_init(lambda rng: unet.init(rng, *unet.dummy_inputs())["params"], rng, mesh=mesh)
+    placed = parallel.shard_tree(host_params, plan.shardings)              # each device gets only its slice
+    step = parallel.make_sharded_step(pure_step, shardings)                # jitted with explicit shardings
     for batch in batches:                                                  # this process's rows, numpy
       state, metrics = step(state, frozen, global_batch(batch, mesh), rng)
 
-``params`` may be host (numpy) arrays read from a checkpoint: :func:`shard_tree` copies each device only its
-own slice (``jax.make_array_from_callback``), so no device ever holds a whole unsharded UNet and the same code
-runs on every process of a multi-host job (each process must pass the same values). ``frozen`` is an
-argument of the step, never closed over, never donated; the state is donated.
+Nothing here knows the train state: ``train.sharded_state`` builds the sharded ``TrainState`` and frozen dict
+(and the ``TrainShardings`` that :func:`make_sharded_step` takes) from these pieces.
+
+Host values (numpy arrays read from a checkpoint) given to :func:`shard_tree` are sliced per device
+(``jax.make_array_from_callback``), so no device ever holds a whole unsharded UNet and the same code runs on
+every process of a multi-host job (each process must pass the same values). A step's ``frozen`` argument is
+never closed over, never donated; the state is donated.
 
 Optimiser state: optax states hold trees that mirror the parameters (AdamW's ``mu`` and ``nu``, Adafactor's
 unfactored ``v``) next to scalars (counts) and, for Adafactor, factored row/column statistics of other shapes.
@@ -25,8 +22,7 @@ vectors of the sum of a kernel's dims, not its product).
 """
 from __future__ import annotations
 
-import logging
-from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -34,10 +30,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sc_dpo_jax.data import device as device_lib
-from sc_dpo_jax.models import lora as lora_lib
 from sc_dpo_jax.parallel import rules as rules_lib
-from sc_dpo_jax.train import dpo_steps
-from sc_dpo_jax.train import state as state_lib
+from sc_dpo_jax.parallel.step import Step
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -109,105 +103,6 @@ def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, mesh:
   return jax.tree_util.tree_map_with_path(choose, opt_state)
 
 
-def state_shardings(state: state_lib.TrainState, param_shardings: Any, mesh: Mesh) -> state_lib.TrainState:
-  """A :class:`TrainState` of shardings for ``state`` (arrays or ``jax.eval_shape`` output): ``params`` take
-  ``param_shardings``, the optimiser state follows them (:func:`opt_state_shardings`), ``step`` is replicated.
-  Usable as ``in_shardings``/``out_shardings`` of ``jax.jit`` (the static ``tx`` is kept)."""
-  return state.replace(step=replicated(mesh), params=param_shardings,
-                       opt_state=opt_state_shardings(state.opt_state, state.params, param_shardings, mesh))
-
-
-def frozen_shardings(frozen: Mapping[str, Any], mesh: Mesh, unet: Any, **others: Any) -> Dict[str, Any]:
-  """Shardings of the frozen dict (``train.state``): ``"unet"`` and ``"ref_unet"`` take ``unet`` (the UNet
-  parameter shardings; a bfloat16 reference has the same shapes), ``"empty_text"`` is replicated, and any
-  other key needs its shardings passed by name (``text_encoder=...``; one sharding for a whole subtree is
-  fine). A key without shardings raises ``KeyError`` naming it."""
-  out = {}
-  for key in frozen:
-    if key in others:
-      out[key] = others[key]
-    elif key in (state_lib.BASE_UNET, state_lib.REF_UNET):
-      out[key] = unet
-    elif key == state_lib.EMPTY_TEXT:
-      out[key] = replicated(mesh)
-    else:
-      raise KeyError(f"frozen[{key!r}] has no shardings: pass {key}=<tree of shardings or one sharding> to "
-                     f"frozen_shardings (known keys: unet, ref_unet, empty_text)")
-  return out
-
-
-class TrainShardings(NamedTuple):
-  """Everything :func:`make_sharded_step` needs, and the plans for logs (``unet_plan.describe()``)."""
-  state: state_lib.TrainState     # a TrainState of NamedShardings
-  frozen: Dict[str, Any]
-  batch: NamedSharding
-  unet_plan: rules_lib.ShardingPlan
-  trainable_plan: rules_lib.ShardingPlan
-  mesh: Mesh
-
-
-def sharded_train_state(params: Mapping, tx, lr_schedule=None, *, mesh: Mesh, param_specs: Any,
-                        rules: Optional[rules_lib.Rules] = None, min_shard_size: int = rules_lib.MIN_SHARD_SIZE,
-                        lora: Optional[Mapping] = None, rng: Optional[jax.Array] = None, ref_dtype: Any = None,
-                        empty_text: Optional[Any] = None, frozen_extra: Optional[Mapping[str, Any]] = None):
-  """``train.state.create_train_state`` on the mesh: ``(state, frozen, TrainShardings)``, created sharded.
-
-  Args:
-    params: the UNet parameters (host numpy arrays or jax Arrays).
-    tx, lr_schedule, lora, rng, ref_dtype, empty_text: as ``create_train_state``.
-    mesh: the mesh.
-    param_specs: the logical specs of the UNet parameters (:func:`rules.module_logical_specs`). LoRA
-      adapters take theirs from them (``models.lora.logical_axes``).
-    rules, min_shard_size: as :func:`rules.plan_shardings`.
-    frozen_extra: more frozen entries ``{key: (tree, shardings)}`` (text encoder, cost model, ...) placed with
-      their shardings and added to ``frozen``.
-
-  Returns:
-    ``(state, frozen, shardings)``. The sharded ``params`` themselves become ``frozen["unet"]`` (LoRA) or
-    ``frozen["ref_unet"]`` (full fine-tuning without ``ref_dtype``), so the device memory holds no copy
-    beyond what the state needs; those entries may share device buffers with ``params`` when ``params``
-    already were jax Arrays (``jax.device_put`` does not copy what is already in place). Nothing the caller
-    passed is donated.
-  """
-  unet_plan = rules_lib.plan_shardings(params, mesh, rules, specs=param_specs, min_shard_size=min_shard_size)
-  params = shard_tree(params, unet_plan.shardings)
-  # Entries of the frozen dict that ARE the sharded params (create_train_state stores them as given or as an
-  # exact copy); they are taken as they are instead of being copied out of the jitted function.
-  same_dtype = ref_dtype is None or all(x.dtype == np.dtype(ref_dtype) for x in jax.tree.leaves(params))
-  passthrough = {state_lib.BASE_UNET} if lora is not None else ({state_lib.REF_UNET} if same_dtype else set())
-
-  def make(p, r, e):
-    state, frozen = state_lib.create_train_state(p, tx, lr_schedule, lora=lora, rng=r, ref_dtype=ref_dtype,
-                                                 empty_text=e)
-    return state, {k: v for k, v in frozen.items() if k not in passthrough}
-
-  abstract_state, abstract_frozen = jax.eval_shape(make, params, rng, empty_text)
-  if isinstance(abstract_state.params, lora_lib.LoRA):
-    trainable_specs = lora_lib.logical_axes(abstract_state.params, param_specs)
-    trainable_plan = rules_lib.plan_shardings(abstract_state.params, mesh, rules, specs=trainable_specs,
-                                              min_shard_size=min_shard_size)
-  else:
-    trainable_plan = unet_plan
-  state_sh = state_shardings(abstract_state, trainable_plan.shardings, mesh)
-  made_sh = frozen_shardings(abstract_frozen, mesh, unet_plan.shardings)
-  state, frozen = jax.jit(make, out_shardings=(state_sh, made_sh))(params, rng, empty_text)
-  for key in sorted(passthrough):
-    frozen[key] = params
-  extra = dict(frozen_extra or {})
-  for key, (tree, shardings) in extra.items():
-    if key in frozen:
-      raise KeyError(f"frozen_extra[{key!r}] would replace the frozen entry of that name")
-    frozen[key] = shard_tree(tree, shardings)
-  frozen_sh = frozen_shardings(frozen, mesh, unet_plan.shardings, **{k: s for k, (_, s) in extra.items()})
-  logging.info("sharded train state on %s:\n%s", dict(mesh.shape), unet_plan.describe("UNet parameters"))
-  return state, frozen, TrainShardings(state_sh, frozen_sh, device_lib.batch_sharding(mesh), unet_plan,
-                                       trainable_plan, mesh)
-
-
-def _fn(step) -> Callable:
-  return step.fn if isinstance(step, dpo_steps.Step) else step
-
-
 def batch_constraint_interceptor(mesh: Mesh, batch_axes=device_lib.BATCH_AXES) -> Callable:
   """A ``flax.linen.intercept_methods`` interceptor that pins the leading (batch) axis of every array a linen
   module's ``__call__`` returns to the mesh's ``batch_axes`` (other dims unconstrained: XLA still splits
@@ -247,45 +142,60 @@ def _with_batch_constraints(fn: Callable, mesh: Mesh) -> Callable:
   return constrained
 
 
-def make_sharded_step(step, state_shardings_or_all, frozen_shardings_: Any = None, batch_sharding: Any = None,
-                      *, donate: bool = True, constrain_activations: bool = True) -> dpo_steps.Step:
-  """``jax.jit`` of a train step ``(state, frozen, batch, rng) -> (state, metrics)`` with explicit shardings.
+def _pure(fn, what: str) -> Callable:
+  if isinstance(fn, Step):
+    raise TypeError(f"{what} takes the pure function, not a jitted Step (jitting it again would nest two jits): "
+                    f"pass its .fn, or build the pure function (e.g. train.dpo_steps.dpo_step_fn)")
+  return fn
+
+
+def make_sharded_step(step: Callable, shardings: Any, frozen_shardings: Any = None, batch_sharding: Any = None,
+                      *, donate: bool = True, constrain_activations: bool = True) -> Step:
+  """``jax.jit`` of a pure train step ``(state, frozen, batch, rng) -> (state, metrics)`` with explicit shardings.
 
   Args:
-    step: a ``train.dpo_steps.Step`` (its pure ``.fn`` is used) or the pure function itself.
-    state_shardings_or_all: a :class:`TrainShardings` (then the next two are taken from it), or the TrainState
-      of shardings.
-    frozen_shardings_: the frozen dict's shardings.
+    step: the pure step function.
+    shardings: an object with fields ``state``, ``frozen``, ``batch`` and ``mesh`` (e.g.
+      ``train.sharded_state.TrainShardings``; then the next two default to its own), or the state's tree of
+      shardings (then ``frozen_shardings`` is required).
+    frozen_shardings: the frozen dict's shardings.
     batch_sharding: one sharding for every batch field (default ``data.device.batch_sharding(mesh)``: the
       leading axis over ("data", "fsdp"), what ``data.device.global_batch`` gives) or a dict of them.
     donate: donate the state (argument 0).
     constrain_activations: trace under :func:`batch_constraint_interceptor` (module outputs batch-split).
 
   Returns:
-    A ``dpo_steps.Step`` (``trace_count``, ``.lower(...)`` for ahead-of-time compilation). The rng is
-    replicated, the metrics come back replicated (readable on every process).
+    A :class:`~sc_dpo_jax.parallel.step.Step` (``trace_count``; ``.jitted.lower(...)`` for ahead-of-time
+    compilation). The rng is replicated, the metrics come back replicated (readable on every process).
   """
-  state_sh, frozen_sh, batch_sh, mesh = _unpack(state_shardings_or_all, frozen_shardings_, batch_sharding)
+  fn = _pure(step, "make_sharded_step")
+  state_sh, frozen_sh, batch_sh, mesh = _unpack(shardings, frozen_shardings, batch_sharding)
   rep = replicated(mesh)
-  fn = _with_batch_constraints(_fn(step), mesh) if constrain_activations else _fn(step)
-  return dpo_steps.Step(fn, dict(in_shardings=(state_sh, frozen_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                                 donate_argnums=(0,) if donate else ()))
+  fn = _with_batch_constraints(fn, mesh) if constrain_activations else fn
+  return Step(fn, dict(in_shardings=(state_sh, frozen_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+                       donate_argnums=(0,) if donate else ()))
 
 
-def make_sharded_eval(evaluate, state_shardings_or_all, frozen_shardings_: Any = None,
-                      batch_sharding: Any = None, *, constrain_activations: bool = True) -> dpo_steps.Step:
-  """:func:`make_sharded_step` for an eval function ``(state, frozen, batch, rng) -> metrics`` (no donation)."""
-  state_sh, frozen_sh, batch_sh, mesh = _unpack(state_shardings_or_all, frozen_shardings_, batch_sharding)
+def make_sharded_eval(evaluate: Callable, shardings: Any, frozen_shardings: Any = None, batch_sharding: Any = None,
+                      *, constrain_activations: bool = True) -> Step:
+  """:func:`make_sharded_step` for a pure eval function ``(state, frozen, batch, rng) -> metrics`` (no
+  donation)."""
+  fn = _pure(evaluate, "make_sharded_eval")
+  state_sh, frozen_sh, batch_sh, mesh = _unpack(shardings, frozen_shardings, batch_sharding)
   rep = replicated(mesh)
-  fn = _with_batch_constraints(_fn(evaluate), mesh) if constrain_activations else _fn(evaluate)
-  return dpo_steps.Step(fn, dict(in_shardings=(state_sh, frozen_sh, batch_sh, rep), out_shardings=rep))
+  fn = _with_batch_constraints(fn, mesh) if constrain_activations else fn
+  return Step(fn, dict(in_shardings=(state_sh, frozen_sh, batch_sh, rep), out_shardings=rep))
+
+
+_ALL_SHARDINGS = ("state", "frozen", "batch", "mesh")
 
 
 def _unpack(first, frozen_sh, batch_sh):
-  if isinstance(first, TrainShardings):
+  if all(hasattr(first, field) for field in _ALL_SHARDINGS):
     return first.state, first.frozen, first.batch if batch_sh is None else batch_sh, first.mesh
   if frozen_sh is None:
-    raise ValueError("make_sharded_step needs the frozen shardings (or a TrainShardings as its second argument)")
+    raise ValueError("make_sharded_step needs the frozen shardings (or, as its second argument, shardings with "
+                     "fields state, frozen, batch and mesh, e.g. train.sharded_state.TrainShardings)")
   mesh = _mesh_of(first)
   return first, frozen_sh, device_lib.batch_sharding(mesh) if batch_sh is None else batch_sh, mesh
 
@@ -294,4 +204,5 @@ def _mesh_of(tree) -> Mesh:
   for s in jax.tree.leaves(tree, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding)):
     if isinstance(s, NamedSharding):
       return s.mesh
-  raise ValueError("no NamedSharding found in the state shardings; build them with parallel.state_shardings")
+  raise ValueError("no NamedSharding found in the state shardings; build them with "
+                   "train.sharded_state.state_shardings")

@@ -63,6 +63,9 @@ def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.min_shard_size = 2 ** 14
+  # Logical axis -> mesh axes rules (parallel.rules_from_config): None = parallel.DEFAULT_RULES, or pairs in
+  # priority order, e.g. --config.mesh_rules="(('embed', 'fsdp'), ('heads', ('tensor', 'fsdp')), ...)"
+  c.mesh_rules = config_dict.placeholder(tuple)
 
   c.data = ml_collections.ConfigDict(dict(
       train=config_dict.placeholder(str),    # a dataset folder (ours or TFDS-prepared); tiny: synthetic

@@ -1,12 +1,12 @@
 """DDPO-style RL (ShieldDiff's setting): sample with trajectories, score, normalise per prompt, clipped update.
 
-One iteration (``ddpo_iteration``) follows DDPO's official code (kvablack/ddpo-pytorch):
+One iteration (``train.rl_loop`` runs them) follows DDPO's official code (kvablack/ddpo-pytorch):
 
 1. **Sample** (``make_ddpo_sampler``): the current policy draws images with DDIM (``eta`` > 0 so every
    transition has a density, classifier-free guidance), keeping every latent and each transition's
    log-probability (``diffusion.sample(..., return_trajectory=True)``); the VAE decodes to uint8.
 2. **Reward** (host side): ``reward(images_uint8, prompts) -> (rewards, info)`` (``sc_dpo_jax.rewards``).
-3. **Advantages**: ``PerPromptAdvantages`` (per-prompt buffers of the last 16 rewards).
+3. **Advantages**: ``train.advantages.PerPromptAdvantages`` (per-prompt buffers of the last 16 rewards).
 4. **Update** (``make_ddpo_update``): for each sample, a random permutation of its transitions; the first
    ``ceil(timestep_fraction * S)`` are trained. At each trained transition the log-probability of the stored
    ``x_{t-1}`` is recomputed under the current parameters (the guided model output, ``ddim_step``'s Gaussian,
@@ -14,7 +14,8 @@ One iteration (``ddpo_iteration``) follows DDPO's official code (kvablack/ddpo-p
    averaged over the trained transitions (the official code accumulates them) and applied in ONE optimiser
    update; the scan over transitions keeps one transition's activations in memory at a time.
 
-The update is pure and jitted once (state donated); the sampler is jitted once per batch shape. The policy is
+The sampler and the update are pure functions; their caller jits each once (``train.rl_loop``: with explicit
+shardings, the update's state donated, the update inside the NaN guard). The policy is
 ``state.params`` (full UNet) or the base UNet with LoRA adapters (``train.state.policy_params``); frozen
 parameters come in ``frozen`` (keys ``"unet"``/``"ref_unet"`` as ``train.state``, plus ``"vae"`` for decoding).
 """
@@ -22,17 +23,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Dict, Mapping, NamedTuple, Sequence, Tuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from sc_dpo_jax import diffusion
 from sc_dpo_jax.losses.ddpo import ppo_clip_loss
 from sc_dpo_jax.models.vae import decode_latents
-from sc_dpo_jax.train.advantages import PerPromptAdvantages
 from sc_dpo_jax.train.state import TrainState, policy_params, require
 
 VAE = "vae"
@@ -64,12 +63,11 @@ def _denoiser(unet):
 
 
 def make_ddpo_sampler(unet, vae, schedule, config: DDPOConfig) -> Callable[..., Samples]:
-  """A jitted ``sampler(state, frozen, latents, text, uncond_text, rng) -> Samples`` (current policy)."""
+  """The pure ``sampler(state, frozen, latents, text, uncond_text, rng) -> Samples`` (current policy)."""
   if not config.eta > 0:
     raise ValueError(f"DDPO needs eta > 0 (a deterministic DDIM step has no log-probability), got {config.eta}")
   denoise = _denoiser(unet)
 
-  @jax.jit
   def sampler(state: TrainState, frozen: Mapping, latents, text, uncond_text, rng) -> Samples:
     params = policy_params(state.params, frozen)
     traj = diffusion.sample(denoise, params, latents, text, schedule=schedule, num_steps=config.num_steps,
@@ -84,7 +82,7 @@ def make_ddpo_sampler(unet, vae, schedule, config: DDPOConfig) -> Callable[..., 
 
 
 def make_ddpo_update(unet, schedule, config: DDPOConfig):
-  """A jitted ``update(state, frozen, batch, rng) -> (state, metrics)`` (state donated).
+  """The pure ``update(state, frozen, batch, rng) -> (state, metrics)`` (one optimiser update).
 
   ``batch``: ``latents [S+1, B, ...]``, ``timesteps [S]``, ``prev_timesteps [S]``, ``log_probs [S, B]``
   (from the sampler), ``advantages [B]``, ``text [B, L, D]``, ``uncond_text [1 or B, L, D]``.
@@ -129,30 +127,4 @@ def make_ddpo_update(unet, schedule, config: DDPOConfig):
     metrics["learning_rate"] = state.learning_rate()
     return state.apply_gradients(grads), metrics
 
-  return jax.jit(update, donate_argnums=(0,))
-
-
-def ddpo_iteration(sampler, update, state: TrainState, frozen: Mapping, *, prompts: Sequence[str], text,
-                   uncond_text, reward_fn, tracker: PerPromptAdvantages, latent_shape: Tuple[int, ...],
-                   rng) -> Tuple[TrainState, Dict[str, float]]:
-  """Sample one batch for ``prompts`` (``text``: their ``[B, L, D]`` states), score it, update once.
-
-  Returns the new state and host metrics: the update's, plus ``reward_mean``/``reward_std`` and the means of
-  the reward's ``info``.
-  """
-  sample_rng, noise_rng, update_rng = jax.random.split(rng, 3)
-  latents = jax.random.normal(noise_rng, (len(prompts),) + tuple(latent_shape), jnp.float32)
-  samples = sampler(state, frozen, latents, text, uncond_text, sample_rng)
-  images = np.asarray(samples.images)
-  rewards, info = reward_fn(images, list(prompts))
-  rewards = np.asarray(rewards, np.float32)
-  advantages = tracker(list(prompts), rewards)
-  batch = {"latents": samples.latents, "timesteps": samples.timesteps,
-           "prev_timesteps": samples.prev_timesteps, "log_probs": samples.log_probs,
-           "advantages": jnp.asarray(advantages), "text": text, "uncond_text": uncond_text}
-  state, metrics = update(state, frozen, batch, update_rng)
-  out = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  out.update(reward_mean=float(rewards.mean()), reward_std=float(rewards.std()))
-  out.update({f"reward/{k}": float(np.mean(v)) for k, v in info.items()})
-  return state, out
-
+  return update

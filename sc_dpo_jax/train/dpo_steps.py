@@ -6,6 +6,9 @@
 
     step = make_dpo_step(unet, schedule, config.objective, grad_accum_steps=k)   # B pairs as k micro-batches
 
+    fn = dpo_step_fn(unet, schedule, config.objective)              # the pure step, to jit with shardings
+    step = parallel.make_sharded_step(fn, shardings)                # (train.sharded_state, train.loop)
+
 ``step(state, frozen, batch, rng) -> (state, metrics)`` is a pure function: ``state`` is a
 :class:`~sc_dpo_jax.train.state.TrainState` (donated), ``frozen`` the dict of frozen arrays
 (``train.state``: base or reference UNet, empty-prompt states), ``batch`` a dict of arrays, ``rng`` a PRNG key
@@ -85,7 +88,6 @@ the step into the rng, so a fixed key evaluates the same noise before and after 
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
@@ -96,6 +98,7 @@ from ml_collections import config_dict
 import optax
 
 from sc_dpo_jax import diffusion, losses
+from sc_dpo_jax.parallel.step import Step
 from sc_dpo_jax.train import state as state_lib
 
 METHODS = ("diffusion_dpo", "sc_dpo", "duo")
@@ -163,32 +166,6 @@ def duo_lambda(config: Mapping) -> float:
   if config["duo_lambda"] is not None:
     return float(config["duo_lambda"])
   return float(config["duo_base_lambda"]) * float(config["beta"]) / 100.0
-
-
-class Step:
-  """A jitted step (or eval) function with a count of how often JAX traced it.
-
-  Calling it calls the jitted function; ``trace_count`` grows only when JAX (re)traces, which after the
-  first call means a changed input structure, shape or dtype (a test asserts it stays 1). ``fn`` is the pure
-  function (to jit with other options, e.g. shardings) and ``jitted`` the compiled one (``.lower(...)``).
-  """
-
-  def __init__(self, fn: Callable, jit_kwargs: Mapping[str, Any]):
-    self.trace_count = 0
-
-    @functools.wraps(fn)
-    def counted(*args):
-      self.trace_count += 1
-      return fn(*args)
-
-    self.fn = fn
-    self.jitted = jax.jit(counted, **jit_kwargs)
-
-  def __call__(self, *args):
-    return self.jitted(*args)
-
-  def lower(self, *args):
-    return self.jitted.lower(*args)
 
 
 def per_sample_error(prediction: jax.Array, target: jax.Array) -> jax.Array:
@@ -474,10 +451,11 @@ def _accumulated_gradients(grad_fn, schedule, c, params, frozen, batch, rng, pre
   return jax.tree.map(lambda a: a / total, acc), means
 
 
-def make_dpo_step(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mapping], *, grad_accum_steps: int = 1,
-                  data_parallel: int = 1, prepare: Optional[Callable] = None, donate: bool = True,
-                  **jit_kwargs) -> Step:
-  """The jitted train step of ``config.method`` (see the module docstring).
+def dpo_step_fn(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mapping], *, grad_accum_steps: int = 1,
+                data_parallel: int = 1, prepare: Optional[Callable] = None) -> Callable:
+  """The pure train step ``step(state, frozen, batch, rng) -> (state, metrics)`` of ``config.method`` (see the
+  module docstring), for a caller that jits it (``parallel.make_sharded_step``; :func:`make_dpo_step` on one
+  device).
 
   Args:
     unet: the ``models.UNet2DConditionModel`` (static: its config, dtype and attention are baked in).
@@ -492,11 +470,6 @@ def make_dpo_step(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mapp
       activations are those of ``B / k`` pairs. Its rng: ``fold_in(fold_in(rng, step), PREPARE_SALT)``, and
       with ``k > 1`` further ``fold_in(.., m)`` for micro-batch ``m`` (so its own draws, e.g. the VAE's
       posterior samples, differ from one pass's; they are equal in distribution).
-    donate: donate the state (argument 0) to the update.
-    **jit_kwargs: more ``jax.jit`` options (``in_shardings``, ``out_shardings``, ...).
-
-  Returns:
-    A :class:`Step`: ``step(state, frozen, batch, rng) -> (state, metrics)``.
   """
   c = resolve_config(config)
   k = _positive_int("config.train.grad_accum_steps", grad_accum_steps)
@@ -518,17 +491,32 @@ def make_dpo_step(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mapp
                    learning_rate=state.learning_rate())
     return state.apply_gradients(grads), metrics
 
+  return step
+
+
+def make_dpo_step(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mapping], *, grad_accum_steps: int = 1,
+                  data_parallel: int = 1, prepare: Optional[Callable] = None, donate: bool = True,
+                  **jit_kwargs) -> Step:
+  """:func:`dpo_step_fn` jitted: a ``parallel.Step`` (``trace_count``, ``.jitted``). ``donate``: donate the
+  state (argument 0); ``**jit_kwargs``: more ``jax.jit`` options (``in_shardings``, ``out_shardings``, ...)."""
+  fn = dpo_step_fn(unet, schedule, config, grad_accum_steps=grad_accum_steps, data_parallel=data_parallel,
+                   prepare=prepare)
   if donate:
     jit_kwargs.setdefault("donate_argnums", (0,))
-  return Step(step, jit_kwargs)
+  return Step(fn, jit_kwargs)
 
 
-def make_dpo_eval(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mapping], **jit_kwargs) -> Step:
-  """``evaluate(state, frozen, batch, rng) -> metrics``: the step's loss and metrics on ``batch`` without
-  prompt dropout, gradient or update; ``rng`` is used as given (not folded with the step)."""
+def dpo_eval_fn(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mapping]) -> Callable:
+  """The pure ``evaluate(state, frozen, batch, rng) -> metrics``: the step's loss and metrics on ``batch``
+  without prompt dropout, gradient or update; ``rng`` is used as given (not folded with the step)."""
   loss_fn = make_loss_fn(unet, schedule, config, train=False)
 
   def evaluate(state: state_lib.TrainState, frozen, batch, rng):
     return loss_fn(state.params, frozen, batch, rng)[1]
 
-  return Step(evaluate, jit_kwargs)
+  return evaluate
+
+
+def make_dpo_eval(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mapping], **jit_kwargs) -> Step:
+  """:func:`dpo_eval_fn` jitted (``**jit_kwargs``: ``jax.jit`` options): a ``parallel.Step``."""
+  return Step(dpo_eval_fn(unet, schedule, config), jit_kwargs)

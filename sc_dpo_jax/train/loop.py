@@ -11,7 +11,7 @@ What :func:`train_dpo` does, in order:
    ``data.pipeline``, each process reading its shard with ``data.batch_size / process_count`` pairs per step;
    images are encoded by the frozen VAE and prompts by the frozen text encoder inside the step, unless the
    records carry latents or text states.
-4. **State**: ``parallel.sharded_train_state`` creates the train state and the frozen models already sharded
+4. **State**: ``sharded_state.sharded_train_state`` creates the train state and the frozen models already sharded
    by the logical-axis rules; the step (``train.dpo_steps`` inside the NaN guard ``train.guard``) is jitted
    with explicit shardings and compiled ahead of time once; its FLOP count gives TFLOP/s per device.
 5. **Resume** (``train.harness.Run``, the skeleton every trainer shares): the latest checkpoint in ``<workdir>/checkpoints`` (state, rng, data position) if any.
@@ -42,7 +42,7 @@ from sc_dpo_jax.data import device as device_lib
 from sc_dpo_jax.data import latents as latents_lib
 from sc_dpo_jax.data import pipeline as data_pipeline
 from sc_dpo_jax.data import schema, synthetic
-from sc_dpo_jax.train import dpo_steps, guard, harness, optim, outputs, sources
+from sc_dpo_jax.train import dpo_steps, guard, harness, optim, outputs, sharded_state, sources
 from sc_dpo_jax.train.base_model import load_models
 
 
@@ -111,9 +111,9 @@ def make_train_step(pipe, spec, objective, *, grad_accum_steps: int = 1, data_pa
   text encoder, run per micro-batch inside ``dpo_steps`` so that ``grad_accum_steps`` micro-batches keep one
   micro-batch's activations in memory), the method's update, and the NaN guard."""
   prepare = make_prepare(pipe, spec, objective.method)
-  return guard.skip_nonfinite(dpo_steps.make_dpo_step(
+  return guard.skip_nonfinite(dpo_steps.dpo_step_fn(
       pipe.unet, pipe.schedule, objective, grad_accum_steps=grad_accum_steps, data_parallel=data_parallel,
-      prepare=prepare).fn)
+      prepare=prepare))
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   rng = jax.random.PRNGKey(c.seed)
   empty_text = np.asarray(pipe.encode_prompts([""]))
   extra = {}
-  rules = None
+  rules = parallel.rules_from_config(c.mesh_rules)
   if spec.image_format == schema.IMAGE:
     plan = parallel.plan_shardings(pipe.params["vae"], mesh, rules, specs=parallel.module_logical_specs(pipe.vae),
                                    min_shard_size=c.min_shard_size)
@@ -151,7 +151,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
     extra["text_encoder"] = (pipe.params["text_encoder"], plan.shardings)
   lora = ({k: c.lora[k] for k in ("rank", "alpha", "targets")} if c.lora.enabled else None)
   ref_dtype = None if lora else jnp.dtype(c.model.ref_dtype)
-  state, frozen, shardings = parallel.sharded_train_state(
+  state, frozen, shardings = sharded_state.sharded_train_state(
       pipe.params["unet"], tx, lr_schedule, mesh=mesh, param_specs=parallel.module_logical_specs(pipe.unet),
       rules=rules, min_shard_size=c.min_shard_size, lora=lora, rng=jax.random.fold_in(rng, 1),
       ref_dtype=ref_dtype, empty_text=empty_text, frozen_extra=extra)

@@ -25,7 +25,7 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    ``rewards.WeightedSum``. ``tiny`` without those folders uses a random tiny CLIP pair and a random cost
    adapter on its vision tower: PLUMBING ONLY, the rewards mean nothing. The reward runs on the host, on each
    process's own images; prompts and rewards of all processes are gathered (``parallel.multihost``).
-4. **State**: ``parallel.sharded_train_state`` (LoRA adapters by default, ``lora.enabled=False`` trains the
+4. **State**: ``sharded_state.sharded_train_state`` (LoRA adapters by default, ``lora.enabled=False`` trains the
    full UNet; DDPO has no reference model, so none is kept), the text encoder and VAE frozen beside it. Two
    programs are compiled ahead of time: the sampler (text encoding, DDIM with trajectories and
    log-probabilities, VAE decoding; ``train.ddpo.make_ddpo_sampler``) and the update (one minibatch, in the
@@ -68,7 +68,7 @@ from sc_dpo_jax.data import pipeline as data_pipeline
 from sc_dpo_jax.data import schema, synthetic
 from sc_dpo_jax.parallel import multihost
 from sc_dpo_jax.rewards import terms
-from sc_dpo_jax.train import ddpo, dpo_steps, guard, harness, optim, outputs, sources
+from sc_dpo_jax.train import ddpo, guard, harness, optim, outputs, sharded_state, sources
 from sc_dpo_jax.train import state as state_lib
 from sc_dpo_jax.train.advantages import PerPromptAdvantages
 from sc_dpo_jax.train.base_model import load_models
@@ -221,14 +221,15 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   rng = jax.random.PRNGKey(c.seed)
   empty_text = np.asarray(pipe.encode_prompts([""]))
   extra = {}
+  rules = parallel.rules_from_config(c.mesh_rules)
   for name, module in (("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
-    plan = parallel.plan_shardings(pipe.params[name], mesh, None, specs=parallel.module_logical_specs(module),
+    plan = parallel.plan_shardings(pipe.params[name], mesh, rules, specs=parallel.module_logical_specs(module),
                                    min_shard_size=c.min_shard_size)
     extra[name] = (pipe.params[name], plan.shardings)
   lora = ({k: c.lora[k] for k in ("rank", "alpha", "targets")} if c.lora.enabled else None)
-  state, frozen, shardings = parallel.sharded_train_state(
+  state, frozen, shardings = sharded_state.sharded_train_state(
       pipe.params["unet"], tx, lr_schedule, mesh=mesh, param_specs=parallel.module_logical_specs(pipe.unet),
-      min_shard_size=c.min_shard_size, lora=lora, rng=jax.random.fold_in(rng, 1), empty_text=empty_text,
+      rules=rules, min_shard_size=c.min_shard_size, lora=lora, rng=jax.random.fold_in(rng, 1), empty_text=empty_text,
       frozen_extra=extra)
   if state_lib.REF_UNET in frozen:      # full fine-tuning: DDPO has no reference model to keep
     del frozen[state_lib.REF_UNET]
@@ -239,9 +240,9 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   trajectory = _dim1(per_sample)
   samples_sh = ddpo.Samples(latents=trajectory, timesteps=rep, prev_timesteps=rep, log_probs=trajectory,
                             images=per_sample)
-  sample_step = dpo_steps.Step(_constrained(make_sample_step(pipe, ddpo_cfg), mesh),
-                               dict(in_shardings=(shardings.state, shardings.frozen, {"input_ids": per_sample}, rep),
-                                    out_shardings=(samples_sh, per_sample)))
+  sample_step = parallel.Step(_constrained(make_sample_step(pipe, ddpo_cfg), mesh),
+                              dict(in_shardings=(shardings.state, shardings.frozen, {"input_ids": per_sample}, rep),
+                                   out_shardings=(samples_sh, per_sample)))
   update_batch_sh = {"latents": trajectory, "log_probs": trajectory, "timesteps": rep, "prev_timesteps": rep,
                      "advantages": per_sample, "text": per_sample, "rows": rep}
   update_step = parallel.make_sharded_step(make_update_step(pipe, ddpo_cfg), shardings, batch_sharding=update_batch_sh)

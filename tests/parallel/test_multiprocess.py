@@ -55,16 +55,16 @@ def distributed_worker(process_id: int, port: int, out_dir: str):
   from jax.experimental import multihost_utils
   from sc_dpo_jax import parallel
   from sc_dpo_jax.data.device import global_batch
-  from sc_dpo_jax.train import dpo_steps, optim
+  from sc_dpo_jax.train import dpo_steps, optim, sharded_state
   plan = parallel.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
   assert plan.mode == "explicit" and jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
   unet, schedule, params, batches, empty = _batches()
   mesh = parallel.make_mesh(MESH)
   tx, lr_schedule = optim.make_optimizer(OPTIM)
-  state, frozen, shardings = parallel.sharded_train_state(
+  state, frozen, shardings = sharded_state.sharded_train_state(
       params, tx, lr_schedule, mesh=mesh, param_specs=parallel.module_logical_specs(unet), min_shard_size=0,
       empty_text=empty)
-  step = parallel.make_sharded_step(dpo_steps.make_dpo_step(unet, schedule, OBJECTIVE), shardings)
+  step = parallel.make_sharded_step(dpo_steps.dpo_step_fn(unet, schedule, OBJECTIVE), shardings)
   half = PAIRS // 2
   losses = []
   start = time.time()

@@ -144,7 +144,7 @@ def _extras() -> dict:
 def eight_device_worker() -> dict:
   """Runs JOBS; returns what the tests assert on (JSON-able)."""
   from sc_dpo_jax.data.device import global_batch
-  from sc_dpo_jax.train import dpo_steps, optim
+  from sc_dpo_jax.train import dpo_steps, optim, sharded_state
   from sc_dpo_jax.train import state as state_lib
   assert jax.device_count() == 8, jax.devices()
   out = {"runs": [], "mesh_errors": _mesh_errors(), "extras": _extras()}
@@ -170,15 +170,15 @@ def eight_device_worker() -> dict:
       mesh = parallel.make_mesh(dict(zip(parallel.AXES, shape)))
       start = time.time()
       extra = {"text_encoder": ({"w": np.ones((16, 8), np.float32)}, NamedSharding(mesh, P("fsdp")))}
-      s_state, s_frozen, shardings = parallel.sharded_train_state(
+      s_state, s_frozen, shardings = sharded_state.sharded_train_state(
           params, tx, lr_schedule, mesh=mesh, param_specs=specs, min_shard_size=0, lora=lora_config,
           rng=jax.random.PRNGKey(1), empty_text=empty, frozen_extra=extra)
       init_diff = _max_diff(s_state.params, initial)
-      sharded = parallel.make_sharded_step(step, shardings)
+      sharded = parallel.make_sharded_step(step.fn, shardings)
       gbatch = global_batch(batch, mesh)
       eval_diff = None
       if (name, shape) == EVAL_AT:   # before the step: the step donates the state
-        evaluate = parallel.make_sharded_eval(dpo_steps.make_dpo_eval(unet, schedule, objective), shardings)
+        evaluate = parallel.make_sharded_eval(dpo_steps.dpo_eval_fn(unet, schedule, objective), shardings)
         got_eval = jax.device_get(evaluate(s_state, s_frozen, gbatch, key))
         eval_diff = max(abs(float(got_eval[k]) - float(ref_eval[k])) / max(1.0, abs(float(ref_eval[k])))
                         for k in ref_eval if "accuracy" not in k and "tie" not in k)

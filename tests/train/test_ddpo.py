@@ -18,11 +18,18 @@ from sc_dpo_jax.models.random_init import host_random_params
 from sc_dpo_jax.rewards.base import WeightedSum, brightness
 from sc_dpo_jax.train import optim
 from sc_dpo_jax.train.advantages import PerPromptAdvantages
-from sc_dpo_jax.train.ddpo import DDPOConfig, ddpo_iteration, make_ddpo_sampler, make_ddpo_update
+from sc_dpo_jax.train.ddpo import DDPOConfig, make_ddpo_sampler, make_ddpo_update
 from sc_dpo_jax.train.state import create_train_state
 
 PROMPTS = ["a", "b", "c", "d"] * 2
 CONFIG = DDPOConfig(num_steps=4, eta=1.0, guidance_scale=3.0, clip_range=1e-4, adv_clip=5.0)
+
+
+def jitted(unet, vae, schedule, config):
+  """The sampler and the update jitted as the RL trainer jits them (the update's state donated), less the
+  shardings."""
+  return (jax.jit(make_ddpo_sampler(unet, vae, schedule, config)),
+          jax.jit(make_ddpo_update(unet, schedule, config), donate_argnums=(0,)))
 
 
 def build_world(lr=3e-3, targets="attention", rank=4):
@@ -41,10 +48,9 @@ def build_world(lr=3e-3, targets="attention", rank=4):
                                      lora={"rank": rank, "alpha": rank, "targets": targets},
                                      rng=jax.random.PRNGKey(0))
   frozen["vae"] = vae_params
-  sampler = make_ddpo_sampler(unet, vae, schedule, CONFIG)
-  update = make_ddpo_update(unet, schedule, CONFIG)
-  return dict(unet=unet, schedule=schedule, state=state, frozen=frozen, text=text, uncond=uncond, sampler=sampler, update=update,
-              base=jax.tree.map(np.asarray, unet_params))
+  sampler, update = jitted(unet, vae, schedule, CONFIG)
+  return dict(unet=unet, schedule=schedule, state=state, frozen=frozen, text=text, uncond=uncond, sampler=sampler,
+              update=update, base=jax.tree.map(np.asarray, unet_params))
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +98,7 @@ def test_update_moves_log_probs_toward_the_advantages(world):
   state = dataclasses.replace(world["state"], tx=tx, lr_schedule=lr,
                               opt_state=tx.init(world["state"].params))
   state = jax.tree.map(jnp.copy, state)
-  new_state, _ = make_ddpo_update(world["unet"], world["schedule"], CONFIG)(state, world["frozen"], batch,
-                                                                         jax.random.PRNGKey(3))
+  new_state, _ = world["update"](state, world["frozen"], batch, jax.random.PRNGKey(3))
 
   def log_probs(st):
     params = policy_params(st.params, world["frozen"])
@@ -126,8 +131,7 @@ def test_ten_iterations_make_images_darker_with_one_trace(world):
                                      rng=jax.random.PRNGKey(0))
   frozen["vae"] = world["frozen"]["vae"]
   vae = models.AutoencoderKL(models.tiny_vae_config())
-  sampler = make_ddpo_sampler(world["unet"], vae, world["schedule"], config)
-  update = make_ddpo_update(world["unet"], world["schedule"], config)
+  sampler, update = jitted(world["unet"], vae, world["schedule"], config)
 
   def mean_brightness(st):
     samples = sampler(st, frozen, jax.random.normal(jax.random.PRNGKey(123), (32, 8, 8, 4)), text,
@@ -138,12 +142,18 @@ def test_ten_iterations_make_images_darker_with_one_trace(world):
   reward = WeightedSum({"darkness": (-1.0, brightness)})
   tracker = PerPromptAdvantages(buffer_size=16, min_count=16)
   history = []
-  for i in range(10):
-    state, metrics = ddpo_iteration(sampler, update, state, frozen, prompts=prompts, text=text,
-                                    uncond_text=world["uncond"], reward_fn=reward, tracker=tracker,
-                                    latent_shape=(8, 8, 4), rng=jax.random.PRNGKey(100 + i))
-    assert all(np.isfinite(v) for v in metrics.values()), metrics
-    history.append(metrics["reward_mean"])
+  for i in range(10):   # one iteration: sample, score, advantages per prompt, one update on all samples
+    sample_rng, noise_rng, update_rng = jax.random.split(jax.random.PRNGKey(100 + i), 3)
+    latents = jax.random.normal(noise_rng, (len(prompts), 8, 8, 4), jnp.float32)
+    samples = sampler(state, frozen, latents, text, world["uncond"], sample_rng)
+    rewards = np.asarray(reward(np.asarray(samples.images), prompts)[0], np.float32)
+    advantages = tracker(prompts, rewards)
+    batch = {"latents": samples.latents, "timesteps": samples.timesteps, "prev_timesteps": samples.prev_timesteps,
+             "log_probs": samples.log_probs, "advantages": jnp.asarray(advantages), "text": text,
+             "uncond_text": world["uncond"]}
+    state, metrics = update(state, frozen, batch, update_rng)
+    assert all(np.isfinite(v) for v in jax.device_get(metrics).values()), metrics
+    history.append(float(rewards.mean()))
   after = mean_brightness(state)
   print(f"\nmean brightness from fixed noise {before:.4f} -> {after:.4f}; training reward {history[0]:.4f} -> "
         f"{history[-1]:.4f}")

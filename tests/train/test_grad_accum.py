@@ -115,7 +115,7 @@ def _compare(name):
       prepare = _prepare
     step = dpo_steps.make_dpo_step(unet, schedule, objective, grad_accum_steps=k, prepare=prepare)
     t0 = time.time()
-    compiled = step.lower(state, frozen, step_batch, RNG).compile(compiler_options=FAST_COMPILE)
+    compiled = step.jitted.lower(state, frozen, step_batch, RNG).compile(compiler_options=FAST_COMPILE)
     new_state, metrics = jax.block_until_ready(compiled(state, frozen, step_batch, RNG))
     out["seconds"][k] = round(time.time() - t0, 1)
     update = jax.tree.map(lambda a, b: np.asarray(a) - b, jax.device_get(new_state.params), before)
@@ -187,10 +187,10 @@ def test_batch_split_errors_name_the_keys():
     dpo_steps.make_dpo_step(unet, schedule, RUNS["duo"][0], grad_accum_steps=0)
   state, frozen = _state("duo")
   for k, d in ((3, 1), (4, 4)):   # 8 pairs: not 3 micro-batches, not 4 micro-batches over 4 devices
-    step = dpo_steps.make_dpo_step(unet, schedule, RUNS["duo"][0], grad_accum_steps=k, data_parallel=d)
+    step = dpo_steps.dpo_step_fn(unet, schedule, RUNS["duo"][0], grad_accum_steps=k, data_parallel=d)
     with pytest.raises(ValueError, match=r"config.data.batch_size = 8 pairs is not divisible by "
                                          rf"config.train.grad_accum_steps \({k}\)"):
-      jax.eval_shape(step.fn, state, frozen, batch, RNG)   # traced, not compiled
+      jax.eval_shape(step, state, frozen, batch, RNG)   # traced, not compiled
 
 
 def test_micro_batches_are_strided():
