@@ -131,12 +131,12 @@ def run(config, *, steps: int, warmup: int, peak_tflops=None, profile_steps: int
   step = parallel.make_sharded_step(fn, shardings)
   host = np.random.default_rng(0)
   local = batch_size // jax.process_count()
-  batch = {"latents_w": host.normal(size=(local,) + latent_shape).astype(np.float32),
-           "latents_l": host.normal(size=(local,) + latent_shape).astype(np.float32),
+  batch = {"latents_chosen": host.normal(size=(local,) + latent_shape).astype(np.float32),
+           "latents_rejected": host.normal(size=(local,) + latent_shape).astype(np.float32),
            "text_states": host.normal(size=(local,) + tuple(text_shape)).astype(np.float32)}
   if objective.method == "sc_dpo":
-    batch["cost_w"] = np.zeros((local,), np.float32)
-    batch["cost_l"] = np.ones((local,), np.float32)
+    batch["cost_chosen"] = np.zeros((local,), np.float32)
+    batch["cost_rejected"] = np.ones((local,), np.float32)
   batch = device_lib.global_batch(batch, mesh)
   t0 = time.time()
   compiled = step.jitted.lower(state, frozen, batch, rng).compile()

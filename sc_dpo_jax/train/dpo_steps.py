@@ -19,12 +19,18 @@ the DUO prior term) plus ``grad_norm`` (global norm before clipping) and ``learn
 
 Batch (``B`` pairs):
 
-=================== ==================== =====================================================================
-``latents_w``       ``[B, h, w, c]``     chosen images as scaled VAE latents, NHWC (DUO: the safe x+)
-``latents_l``       ``[B, h, w, c]``     rejected images (DUO: the unsafe x-)
-``text_states``     ``[B, L, D]``        prompt states (not needed by DUO unless ``duo_use_prompts``)
-``cost_w``/``cost_l`` ``[B]``            SC-DPO only: safety costs of chosen and rejected
-=================== ==================== =====================================================================
+====================== ==================== ==================================================================
+``latents_chosen``     ``[B, h, w, c]``     chosen images as scaled VAE latents, NHWC (DUO: the safe x+)
+``latents_rejected``   ``[B, h, w, c]``     rejected images (DUO: the unsafe x-)
+``text_states``        ``[B, L, D]``        prompt states (not needed by DUO unless ``duo_use_prompts``)
+``cost_chosen``        ``[B]``              SC-DPO only: safety costs of the chosen images
+``cost_rejected``      ``[B]``              SC-DPO only: safety costs of the rejected images
+====================== ==================== ==================================================================
+
+``train.loop.make_prepare`` makes it from an input-pipeline batch (``image_chosen`` / ``image_rejected``,
+``moments_chosen`` / ``moments_rejected`` or ``latents_chosen`` / ``latents_rejected``). The losses
+(``sc_dpo_jax/losses``) keep the papers' notation: chosen = ``w``, rejected = ``l`` (``err_w``, ``reward_l``,
+SC-DPO's ``cost_w`` / ``cost_l`` arguments and metrics); for DUO ``w`` = x+ (safe), ``l`` = x- (unsafe).
 
 What each method does (METHODS.md; which parts follow published code is said per item):
 
@@ -181,12 +187,12 @@ def _require(mapping: Mapping, key: str, what: str, method: str) -> Any:
 
 
 def _pair_latents(batch: Mapping, method: str) -> Tuple[jax.Array, jax.Array]:
-  w = _require(batch, "latents_w", "chosen latents [B, h, w, c]", method)
-  l = _require(batch, "latents_l", "rejected latents [B, h, w, c]", method)
-  if w.ndim != 4 or w.shape != l.shape:
-    raise ValueError(f"{method}: batch['latents_w'] {w.shape} and batch['latents_l'] {l.shape} must both be "
-                     f"NHWC [B, h, w, c] of one shape")
-  return w.astype(jnp.float32), l.astype(jnp.float32)
+  chosen = _require(batch, "latents_chosen", "chosen latents [B, h, w, c]", method)
+  rejected = _require(batch, "latents_rejected", "rejected latents [B, h, w, c]", method)
+  if chosen.ndim != 4 or chosen.shape != rejected.shape:
+    raise ValueError(f"{method}: batch['latents_chosen'] {chosen.shape} and batch['latents_rejected'] "
+                     f"{rejected.shape} must both be NHWC [B, h, w, c] of one shape")
+  return chosen.astype(jnp.float32), rejected.astype(jnp.float32)
 
 
 def _empty_text(frozen: Mapping, batch_size: int, purpose: str) -> jax.Array:
@@ -265,10 +271,10 @@ def dpo_inputs(schedule, c, batch, frozen, rng, dropout: float, noise: Optional[
   ``c`` is a resolved config (:func:`resolve_config`); ``dropout`` the prompt-dropout probability; ``noise``
   the pairs' draws (None: :func:`draw_noise` from ``rng``).
   """
-  w, l = _pair_latents(batch, c.method)
-  b = w.shape[0]
-  t, eps, drop = _noise(schedule, c, w, rng, dropout, noise)
-  x0, t2, eps2 = jnp.concatenate([w, l]), jnp.concatenate([t, t]), jnp.concatenate([eps, eps])
+  chosen, rejected = _pair_latents(batch, c.method)
+  b = chosen.shape[0]
+  t, eps, drop = _noise(schedule, c, chosen, rng, dropout, noise)
+  x0, t2, eps2 = jnp.concatenate([chosen, rejected]), jnp.concatenate([t, t]), jnp.concatenate([eps, eps])
   text = _prompts(batch, frozen, drop, dropout, c.method)
   return Inputs(diffusion.add_noise(schedule, x0, eps2, t2), t2, jnp.concatenate([text, text]),
                  diffusion.training_target(schedule, x0, eps2, t2), b)
@@ -316,12 +322,12 @@ def _loss(c, inputs: Inputs, prediction, ref_prediction, batch) -> Tuple[jax.Arr
   if c.method == "diffusion_dpo":
     return (*losses.diffusion_dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], beta=float(c.beta)), None)
   if c.method == "sc_dpo":
-    cost_w = _require(batch, "cost_w", "safety costs of the chosen images [B]", c.method)
-    cost_l = _require(batch, "cost_l", "safety costs of the rejected images [B]", c.method)
-    loss, metrics = losses.sc_dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cost_w, cost_l,
+    cost_chosen = _require(batch, "cost_chosen", "safety costs of the chosen images [B]", c.method)
+    cost_rejected = _require(batch, "cost_rejected", "safety costs of the rejected images [B]", c.method)
+    loss, metrics = losses.sc_dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cost_chosen, cost_rejected,
                                        beta=float(c.beta), cost_margin_scale=float(c.cost_margin_scale),
                                        focus_gamma=float(c.focus_gamma))
-    return loss, metrics, _sc_dpo_z(c, err, ref_err, cost_w, cost_l, b)
+    return loss, metrics, _sc_dpo_z(c, err, ref_err, cost_chosen, cost_rejected, b)
   return (*losses.duo_loss(err[:b], ref_err[:b], err[b:], ref_err[b:], prediction[n:],
                            jax.lax.stop_gradient(ref_prediction[n:]), beta=float(c.beta), lam=duo_lambda(c)), None)
 
@@ -411,11 +417,12 @@ def _accumulated_gradients(grad_fn, schedule, c, params, frozen, batch, rng, pre
   docstring): the same update as one pass over the batch up to float32 summation order."""
   micro = split_micro_batches(batch, k)
   if prepare is None:
-    latent_shape = _require(batch, "latents_w", "chosen latents [B, h, w, c]", c.method).shape[1:]
+    latent_shape = _require(batch, "latents_chosen", "chosen latents [B, h, w, c]", c.method).shape[1:]
   else:
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), micro)
     prepared = jax.eval_shape(prepare, frozen, one, prepare_rng)
-    latent_shape = _require(prepared, "latents_w", "chosen latents the prepare function returns", c.method).shape[1:]
+    latent_shape = _require(prepared, "latents_chosen", "chosen latents the prepare function returns",
+                            c.method).shape[1:]
   dropout = float(c.prompt_dropout)
   noise = split_micro_batches(draw_noise(schedule, c, rng, batch_rows(batch), latent_shape, dropout), k)
   weighted = c.method == "sc_dpo"

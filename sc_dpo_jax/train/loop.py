@@ -74,8 +74,10 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_pip
 
 
 def make_prepare(pipe, spec: schema.RecordSpec, method: str):
-  """``(frozen, batch, rng) -> step batch``: latents (VAE inside the step for images, sampling for moments)
-  and text states (the text encoder inside the step unless the records hold them) for ``dpo_steps``."""
+  """``(frozen, batch, rng) -> step batch``: ``latents_chosen`` / ``latents_rejected`` (the VAE inside the step
+  for images, sampling for ``moments_*``, as given for ``latents_*``), ``text_states`` (the text encoder inside
+  the step unless the records hold them) and, for SC-DPO, ``cost_chosen`` / ``cost_rejected``: the batch
+  contract of ``dpo_steps``."""
   vae, text_encoder = pipe.vae, pipe.text_encoder
 
   def latents(frozen, batch, which, rng):
@@ -88,11 +90,11 @@ def make_prepare(pipe, spec: schema.RecordSpec, method: str):
     return batch[f"latents_{which}"]
 
   def prepare(frozen, batch, rng):
-    rng_w, rng_l = jax.random.split(rng)
-    latents_w = latents(frozen, batch, "chosen", rng_w)
+    rng_chosen, rng_rejected = jax.random.split(rng)
+    chosen = latents(frozen, batch, "chosen", rng_chosen)
     if "nonfinite_probe" in batch:
-      latents_w = latents_w + batch["nonfinite_probe"][:, None, None, None].astype(latents_w.dtype)
-    out = {"latents_w": latents_w, "latents_l": latents(frozen, batch, "rejected", rng_l)}
+      chosen = chosen + batch["nonfinite_probe"][:, None, None, None].astype(chosen.dtype)
+    out = {"latents_chosen": chosen, "latents_rejected": latents(frozen, batch, "rejected", rng_rejected)}
     if "text_states" in batch:
       out["text_states"] = batch["text_states"]
     else:
@@ -100,7 +102,7 @@ def make_prepare(pipe, spec: schema.RecordSpec, method: str):
     if method == "sc_dpo":
       if "cost_chosen" not in batch:
         raise ValueError("SC-DPO needs the safety costs of both images in the records (cost_chosen, cost_rejected)")
-      out["cost_w"], out["cost_l"] = batch["cost_chosen"], batch["cost_rejected"]
+      out["cost_chosen"], out["cost_rejected"] = batch["cost_chosen"], batch["cost_rejected"]
     return out
 
   return prepare

@@ -89,9 +89,10 @@ def _world():
   rng = np.random.RandomState(0)
   shared = 0.5 * rng.randn(PAIRS, 8, 8, 4)
   pattern = 0.3 * rng.randn(1, 8, 8, 4)
-  batch = dict(latents_w=(shared + pattern).astype(np.float32), latents_l=(shared - pattern).astype(np.float32),
+  batch = dict(latents_chosen=(shared + pattern).astype(np.float32),
+               latents_rejected=(shared - pattern).astype(np.float32),
                text_states=rng.randn(PAIRS, TEXT_LEN, TEXT_DIM).astype(np.float32),
-               cost_w=np.full(PAIRS, -1.0, np.float32), cost_l=rng.uniform(0, 2, PAIRS).astype(np.float32))
+               cost_chosen=np.full(PAIRS, -1.0, np.float32), cost_rejected=rng.uniform(0, 2, PAIRS).astype(np.float32))
   empty = rng.randn(1, TEXT_LEN, TEXT_DIM).astype(np.float32)
   return unet, diffusion.default_schedule(), params, batch, empty
 

@@ -55,9 +55,10 @@ def _world():
   shared = 0.5 * rng.randn(PAIRS, 8, 8, 4)
   xx = np.arange(8)[None, :, None]
   pattern = np.sin(xx * np.pi / 4)[..., None] * np.array([1.0, -1.0, 0.5, 0.0])   # [1, 8, 1, 4] -> [8, 8, 4]
-  batch = dict(latents_w=(shared + pattern).astype(np.float32), latents_l=(shared - pattern).astype(np.float32),
+  batch = dict(latents_chosen=(shared + pattern).astype(np.float32),
+               latents_rejected=(shared - pattern).astype(np.float32),
                text_states=rng.randn(PAIRS, TEXT_LEN, TEXT_DIM).astype(np.float32),
-               cost_w=np.full(PAIRS, -1.0, np.float32), cost_l=rng.uniform(0, 2, PAIRS).astype(np.float32))
+               cost_chosen=np.full(PAIRS, -1.0, np.float32), cost_rejected=rng.uniform(0, 2, PAIRS).astype(np.float32))
   empty = rng.randn(1, TEXT_LEN, TEXT_DIM).astype(np.float32)
   return unet, diffusion.default_schedule(), params, batch, empty
 
@@ -244,7 +245,7 @@ def test_dpo_noising_shares_t_and_noise_per_pair():
   t = np.asarray(inputs.t)
   np.testing.assert_array_equal(t[:PAIRS], t[PAIRS:])
   assert len(set(t[:PAIRS].tolist())) > 1   # but different pairs get different timesteps
-  x0 = np.concatenate([batch["latents_w"], batch["latents_l"]])
+  x0 = np.concatenate([batch["latents_chosen"], batch["latents_rejected"]])
   eps = _recover_noise(schedule, inputs.x, x0, t)
   np.testing.assert_allclose(eps[:PAIRS], eps[PAIRS:], atol=2e-4)
   np.testing.assert_allclose(np.asarray(inputs.target), eps, atol=2e-4)   # epsilon prediction
@@ -260,14 +261,14 @@ def test_dpo_noising_shares_t_and_noise_per_pair():
 def test_duo_noising_independent_t_shared_noise_and_prior_inputs():
   _, schedule, _, batch, empty = _world()
   c = dpo_steps.resolve_config(dict(method="duo"))
-  inputs = dpo_steps.duo_inputs(schedule, c, {k: batch[k] for k in ("latents_w", "latents_l")},
+  inputs = dpo_steps.duo_inputs(schedule, c, {k: batch[k] for k in ("latents_chosen", "latents_rejected")},
                                 {"empty_text": empty}, jax.random.PRNGKey(0), 0.0)
   t = np.asarray(inputs.t)
   assert t.shape == (3 * PAIRS,)
   assert np.all((t[:2 * PAIRS] >= 0) & (t[:2 * PAIRS] < 750))
   assert np.any(t[:PAIRS] != t[PAIRS:2 * PAIRS])   # independent timesteps for x+ and x-
   np.testing.assert_array_equal(t[2 * PAIRS:], 999)
-  x0 = np.concatenate([batch["latents_w"], batch["latents_l"]])
+  x0 = np.concatenate([batch["latents_chosen"], batch["latents_rejected"]])
   eps = _recover_noise(schedule, inputs.x[:2 * PAIRS], x0, t[:2 * PAIRS])
   np.testing.assert_allclose(eps[:PAIRS], eps[PAIRS:], atol=2e-3)   # one noise per pair
   np.testing.assert_allclose(inputs.x[2 * PAIRS:], eps[:PAIRS], atol=2e-3)   # the prior input is that noise
@@ -319,8 +320,8 @@ def test_errors_name_the_missing_piece():
   with pytest.raises(ValueError, match="prompt_dropout"):
     dpo_steps.resolve_config(dict(prompt_dropout=1.5))
   state, frozen, _ = _fresh("sc_dpo")
-  no_cost = {k: v for k, v in batch.items() if k != "cost_w"}
-  with pytest.raises(KeyError, match=r"sc_dpo: batch\['cost_w'\] is missing"):
+  no_cost = {k: v for k, v in batch.items() if k != "cost_chosen"}
+  with pytest.raises(KeyError, match=r"sc_dpo: batch\['cost_chosen'\] is missing"):
     _trace(RUNS["sc_dpo"][0], state, frozen, no_cost)
   with pytest.raises(KeyError, match=r"frozen\['empty_text'\] is missing"):
     _trace(RUNS["duo"][0], state, {k: v for k, v in frozen.items() if k != "empty_text"}, batch)
@@ -328,7 +329,7 @@ def test_errors_name_the_missing_piece():
   with pytest.raises(KeyError, match=r"frozen\['ref_unet'\] is missing"):
     _trace(RUNS["full"][0], full_state, {"empty_text": full_frozen["empty_text"]}, batch)
   with pytest.raises(ValueError, match="NHWC"):
-    _trace(RUNS["diffusion_dpo"][0], state, frozen, dict(batch, latents_l=batch["latents_l"][:, :4]))
+    _trace(RUNS["diffusion_dpo"][0], state, frozen, dict(batch, latents_rejected=batch["latents_rejected"][:, :4]))
 
 
 def test_full_finetuning_accepts_a_bfloat16_reference():

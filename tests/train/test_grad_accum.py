@@ -67,7 +67,7 @@ def _batch():
   """8 pairs: test_dpo_steps' chosen latents, prompts and costs; rejected latents independent of them."""
   _, _, _, batch, _ = _world()
   rng = np.random.RandomState(5)
-  return dict(batch, latents_l=rng.randn(*batch["latents_l"].shape).astype(np.float32))
+  return dict(batch, latents_rejected=rng.randn(*batch["latents_rejected"].shape).astype(np.float32))
 
 
 def _state(name):
@@ -88,8 +88,9 @@ def _state(name):
 def _prepare(frozen, raw, rng):
   """A deterministic prepare function on raw fields (records its micro-batch sizes when traced)."""
   del frozen, rng
-  _prepare.sizes.append(raw["raw_w"].shape[0])
-  return {"latents_w": raw["raw_w"] * 0.5, "latents_l": raw["raw_l"] * 0.5, "text_states": raw["text_states"]}
+  _prepare.sizes.append(raw["raw_chosen"].shape[0])
+  return {"latents_chosen": raw["raw_chosen"] * 0.5, "latents_rejected": raw["raw_rejected"] * 0.5,
+          "text_states": raw["text_states"]}
 
 
 _prepare.sizes = []
@@ -102,7 +103,7 @@ def _compare(name):
   batch = _batch()
   objective = RUNS[name][0]
   if name != "sc_dpo":
-    batch = {k: v for k, v in batch.items() if k not in ("cost_w", "cost_l")}
+    batch = {k: v for k, v in batch.items() if k not in ("cost_chosen", "cost_rejected")}
   out = {"seconds": {}}
   results = {}
   for k in (1, K):
@@ -110,7 +111,7 @@ def _compare(name):
     before = jax.device_get(state.params)
     step_batch, prepare = batch, None
     if name == "diffusion_dpo" and k == K:   # the accumulated step also runs a prepare function per micro-batch
-      step_batch = {"raw_w": batch["latents_w"] * 2.0, "raw_l": batch["latents_l"] * 2.0,
+      step_batch = {"raw_chosen": batch["latents_chosen"] * 2.0, "raw_rejected": batch["latents_rejected"] * 2.0,
                     "text_states": batch["text_states"]}
       prepare = _prepare
     step = dpo_steps.make_dpo_step(unet, schedule, objective, grad_accum_steps=k, prepare=prepare)

@@ -28,16 +28,19 @@ def test_moments_and_text_states_records(pipe):
            "nonfinite_probe": np.zeros(2, np.float32)}
   key = jax.random.PRNGKey(3)
   out = loop.make_prepare(pipe, spec, "sc_dpo")({}, batch, key)
-  k_w, k_l = jax.random.split(key)
-  np.testing.assert_allclose(out["latents_w"], latents_lib.sample_latents(batch["moments_chosen"], k_w,
-                                                                          scaling_factor=0.18215), atol=1e-6)
-  np.testing.assert_allclose(out["latents_l"], latents_lib.sample_latents(batch["moments_rejected"], k_l,
-                                                                          scaling_factor=0.18215), atol=1e-6)
+  assert set(out) == {"latents_chosen", "latents_rejected", "text_states", "cost_chosen", "cost_rejected"}
+  k_chosen, k_rejected = jax.random.split(key)
+  np.testing.assert_allclose(out["latents_chosen"], latents_lib.sample_latents(batch["moments_chosen"], k_chosen,
+                                                                               scaling_factor=0.18215), atol=1e-6)
+  np.testing.assert_allclose(out["latents_rejected"], latents_lib.sample_latents(batch["moments_rejected"],
+                                                                                 k_rejected, scaling_factor=0.18215),
+                             atol=1e-6)
   np.testing.assert_array_equal(out["text_states"], batch["text_states"])
-  np.testing.assert_array_equal(out["cost_l"], batch["cost_rejected"])
+  np.testing.assert_array_equal(out["cost_chosen"], batch["cost_chosen"])
+  np.testing.assert_array_equal(out["cost_rejected"], batch["cost_rejected"])
   poisoned = loop.make_prepare(pipe, spec, "diffusion_dpo")({}, dict(batch, nonfinite_probe=np.full(2, np.nan,
                                                                                                      np.float32)), key)
-  assert np.isnan(np.asarray(poisoned["latents_w"])).all() and "cost_w" not in poisoned
+  assert np.isnan(np.asarray(poisoned["latents_chosen"])).all() and "cost_chosen" not in poisoned
 
 
 def test_image_records_go_through_the_vae_and_the_text_encoder(pipe):
@@ -49,10 +52,11 @@ def test_image_records_go_through_the_vae_and_the_text_encoder(pipe):
   key = jax.random.PRNGKey(0)
   out = loop.make_prepare(pipe, spec, "duo")(frozen, {"image_chosen": images, "image_rejected": images,
                                                       "input_ids": ids}, key)
-  k_w, _ = jax.random.split(key)
-  want = models.encode_to_latents(pipe.vae, pipe.params["vae"], jnp.asarray(images, jnp.float32) / 127.5 - 1, k_w)
-  np.testing.assert_allclose(out["latents_w"], want, atol=1e-5)
-  assert out["latents_w"].shape == (2, 8, 8, 4)
+  k_chosen, _ = jax.random.split(key)
+  want = models.encode_to_latents(pipe.vae, pipe.params["vae"], jnp.asarray(images, jnp.float32) / 127.5 - 1,
+                                  k_chosen)
+  np.testing.assert_allclose(out["latents_chosen"], want, atol=1e-5)
+  assert out["latents_chosen"].shape == (2, 8, 8, 4)
   np.testing.assert_allclose(out["text_states"], pipe.encode_prompts(["a square", "a bar"]), atol=1e-5)
   with pytest.raises(ValueError, match="SC-DPO needs the safety costs"):
     loop.make_prepare(pipe, spec, "sc_dpo")(frozen, {"image_chosen": images, "image_rejected": images,
