@@ -1,10 +1,8 @@
 """``python -m sc_dpo_jax.bench`` runs a method's step on a CPU and never imports TensorFlow (GPU images lack it)."""
 import json
-import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.subprocess_helper import ROOT, run
 
 
 def _bench_without_tensorflow(tmp_path, *flags):
@@ -13,11 +11,8 @@ def _bench_without_tensorflow(tmp_path, *flags):
   blocker.mkdir(parents=True)
   (blocker / "__init__.py").write_text("raise ImportError('the benchmark must not import tensorflow')\n")
   out = tmp_path / "bench.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(blocker.parent), ROOT]),
-             XLA_FLAGS="--xla_backend_optimization_level=0")
-  result = subprocess.run([sys.executable, "-m", "sc_dpo_jax.bench", *flags, f"--json={out}"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = run([sys.executable, "-m", "sc_dpo_jax.bench", *flags, f"--json={out}"], pythonpath=[blocker.parent],
+               env={"XLA_FLAGS": "--xla_backend_optimization_level=0"}, timeout=300)
   return json.loads(out.read_text()), result.stdout
 
 

@@ -3,13 +3,13 @@ step and sampling modes run on a CPU."""
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.subprocess_helper import ROOT, run
+
 SCRIPT = os.path.join(ROOT, "bench", "peer_torch.py")
 pytest.importorskip("diffusers")
 torch = pytest.importorskip("torch")
@@ -24,9 +24,7 @@ def _peer():
 
 def _run(tmp_path, *args):
   out = tmp_path / "peer.json"
-  result = subprocess.run([sys.executable, SCRIPT, "--arch=tiny", "--device=cpu", f"--json={out}", *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0, result.stderr[-3000:]
+  result = run([sys.executable, SCRIPT, "--arch=tiny", "--device=cpu", f"--json={out}", *args], timeout=120)
   return result.stdout, json.loads(out.read_text())
 
 
@@ -62,9 +60,7 @@ def test_flop_count_of_sd15_is_the_issues_accounting(tmp_path):
   _, data = _run(tmp_path, "--mode=flops")   # tiny
   assert data["gflop_per_image"] > 0
   out = tmp_path / "sd15.json"
-  result = subprocess.run([sys.executable, SCRIPT, "--arch=sd15", "--mode=flops", f"--json={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
+  run([sys.executable, SCRIPT, "--arch=sd15", "--mode=flops", f"--json={out}"], timeout=300)
   sd15 = json.loads(out.read_text())
   # Issue 9: 677 GFLOP per image = convolutions and linear layers; the attention products come on top.
   assert sd15["conv_and_linear_gflop"] == pytest.approx(677.2, abs=0.1)

@@ -148,16 +148,15 @@ def test_bad_inputs_name_the_problem(pipe, tmp_path):
 
 
 def test_build_duo_pairs_command_with_the_toy_detector(tmp_path):
-  import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+  from tests.subprocess_helper import run
   (tmp_path / "unsafe.txt").write_text("a large red circle\n\na large scarlet square\n")
   cmd = [sys.executable, "-m", "sc_dpo_jax.data.build_duo_pairs",
          f"--model={os.path.join(pretrain.pretrained_folder(), 'pipeline')}", f"--unsafe={tmp_path / 'unsafe.txt'}",
          "--safe_prompt=a large blue circle", f"--out={tmp_path / 'out'}", "--detector=toy:red", f"--steps={STEPS}",
          "--guidance=4", "--max_tries=2", "--batch_size=4"]
-  proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = run(cmd, timeout=300)
   printed = json.loads(proc.stdout[proc.stdout.index("{"):])
   source, recs = read_back(tmp_path / "out")
   assert printed["pairs"] == source.total == len(recs)

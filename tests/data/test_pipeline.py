@@ -2,7 +2,6 @@
 import io
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -12,6 +11,7 @@ from PIL import Image
 
 from sc_dpo_jax.data import pipeline, records, schema
 from sc_dpo_jax.data.schema import RecordError
+from tests.subprocess_helper import run
 
 
 def _png(array):
@@ -348,6 +348,6 @@ def test_global_batch_on_eight_simulated_devices():
         raise AssertionError("12 rows over 8 shards must fail")
       print("ok")
       """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-  assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+  result = run([sys.executable, "-c", script], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+               timeout=120)
+  assert "ok" in result.stdout, result.stdout[-3000:]

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -32,10 +31,10 @@ import pytest
 
 from sc_dpo_jax.eval import metrics, prompts, report, run
 from sc_dpo_jax.toy import judge, pretrain
+from tests.subprocess_helper import start
 
 pytestmark = pytest.mark.xdist_group("toy_base")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 4
 EXACT = 1e-9       # host float64 arithmetic on lossless PNGs
 CLIP_TOL = 1e-5    # float32 CLIP embeddings, another batch shape
@@ -85,15 +84,10 @@ class _Cli:
            f"--prompts={files / 'i2p.csv'}", f"--prompts=ring={files / 'attack.txt'}", "--detector=toy:red",
            f"--clip={toy_folder('clip')}", f"--steps={STEPS}", "--guidance=4", "--batch_size=4", "--limit=6",
            f"--out={self.out}", "--grid_size=4", "--noprogress"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    self.log = open(root / "cli.log", "w")
-    self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-    self.log_path = root / "cli.log"
+    self.job = start(cmd, root / "cli.log", env={"TF_CPP_MIN_LOG_LEVEL": "3"})
 
   def result(self):
-    if self.proc.wait(timeout=600) != 0:
-      self.log.flush()
-      pytest.fail(f"python -m sc_dpo_jax.eval failed:\n{self.log_path.read_text()[-4000:]}")
+    self.job.wait(timeout=600)
     with open(self.out / "report.json") as f:
       rep = json.load(f)
     with open(self.out / "records.jsonl") as f:
@@ -101,10 +95,7 @@ class _Cli:
     return rep, recs
 
   def close(self):
-    if self.proc.poll() is None:
-      self.proc.kill()
-    self.proc.wait()
-    self.log.close()
+    self.job.kill()
 
 
 @pytest.fixture(scope="module", autouse=True)

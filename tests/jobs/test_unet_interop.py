@@ -1,15 +1,12 @@
 """The ``unet_interop`` job end to end through ``python -m sc_dpo_jax.main`` (what ``make demo`` runs)."""
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 from sc_dpo_jax import diffusion, jobs, models
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.subprocess_helper import run
 
 
 @pytest.mark.slow   # 70-130 s; the trainers' e2e tests cover main -> export -> diffusers in `make test`
@@ -18,9 +15,7 @@ def test_main_runs_the_job_and_exports_a_model_diffusers_reads(tmp_path):
   cmd = [sys.executable, "-m", "sc_dpo_jax.main", "--config=configs/unet_interop.py", f"--workdir={workdir}",
          "--config.train.steps=30", "--config.data.num_examples=16", "--config.eval_batch_size=4",
          "--config.check_with_diffusers=yes", "--config.schedule.prediction_type=epsilon"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run(cmd, timeout=600)
 
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["import_max_abs_diff"] == 0.0 and summary["export_reload_max_abs_diff"] == 0.0

@@ -24,6 +24,8 @@ from typing import Dict, List, Sequence
 
 import pytest
 
+from tests.subprocess_helper import run
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRANSFORMERS = "4.46.3"
 # transformers 4.46.3 requires tokenizers>=0.20,<0.21 and huggingface-hub>=0.23.2,<1.0; these were current with it.
@@ -103,13 +105,11 @@ def tokenize_with_old(folders: Sequence[str], prompts: Sequence[str]) -> Dict[st
   transformers 4.46.3 loads each tokenizer folder (slow and fast) and tokenizes ``prompts`` with diffusers'
   padding; asserts the subprocess really ran 4.46.3."""
   target = ensure_installed()
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([target] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
-             USE_TORCH="0", USE_TF="0", USE_FLAX="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+  # The old transformers first on the path (before the repository and this environment's packages).
+  env = dict(USE_TORCH="0", USE_TF="0", USE_FLAX="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
              TRANSFORMERS_VERBOSITY="error", PYTHONNOUSERSITE="1")
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], input=json.dumps({"folders": list(folders),
-                                                                            "prompts": list(prompts)}),
-                        capture_output=True, text=True, env=env, cwd=target, timeout=300)
-  assert proc.returncode == 0, f"transformers {TRANSFORMERS} could not load the tokenizers:\n{proc.stderr[-4000:]}"
+  proc = run([sys.executable, "-c", _SCRIPT], input=json.dumps({"folders": list(folders), "prompts": list(prompts)}),
+             env=env, pythonpath=[target], cwd=target, timeout=300)
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["versions"]["transformers"] == TRANSFORMERS, out["versions"]
   return out["ids"]

@@ -6,7 +6,6 @@ the guidance scale each step; 1e-3 is a quarter of one uint8 level. Measured: 2.
 2.1e-6 (50 steps, guidance 7.5), 1.0e-6 (no guidance), 1.5e-6 (our saved folder run by diffusers).
 """
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 from sc_dpo_jax import models
 from tests.sd_reference import diffusers_images, tiny_sd_pipeline
+from tests.subprocess_helper import run
 
 PROMPTS = ["a red cat", "blue square, small"]
 TOL = 1e-3
@@ -125,13 +125,10 @@ def test_folder_without_model_index(tmp_path):
 
 def test_generate_command_writes_a_grid(reference, tmp_path):
   from PIL import Image
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   cmd = [sys.executable, "-m", "sc_dpo_jax.generate", f"--model={reference[1]}", "--prompt=a red cat",
          "--prompt=blue", "--num_images=3", "--steps=2", "--guidance=2", f"--out={tmp_path / 'grid.png'}",
          f"--out_dir={tmp_path / 'images'}"]
-  proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run(cmd, timeout=300)
   grid = np.asarray(Image.open(tmp_path / "grid.png"))
   assert grid.shape == (2 * 16, 3 * 16, 3)
   assert len(os.listdir(tmp_path / "images")) == 6

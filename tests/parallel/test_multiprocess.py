@@ -10,7 +10,6 @@ of ``test_sharding.py`` (AdamW with eps 1e-2, beta 20: see its docstring).
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from tests.parallel.test_sharding import FAST_COMPILE, OPTIM, PAIRS, ROOT, TOLERANCE
+from tests import subprocess_helper
+from tests.parallel.test_sharding import FAST_COMPILE, OPTIM, PAIRS, TOLERANCE
 
 pytestmark = pytest.mark.xdist_group("parallel")
 
@@ -108,28 +108,22 @@ def _free_port() -> int:
 
 def test_two_processes_match_one_process(tmp_path):
   port = _free_port()
-  base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  for key in ("SC_DPO_COORDINATOR", "SC_DPO_NUM_PROCESSES", "SC_DPO_PROCESS_ID", "SC_DPO_DISTRIBUTED"):
-    base.pop(key, None)
+  base = dict(TF_CPP_MIN_LOG_LEVEL="3")     # and none of the launcher's variables (None removes them)
+  base.update(dict.fromkeys(("SC_DPO_COORDINATOR", "SC_DPO_NUM_PROCESSES", "SC_DPO_PROCESS_ID", "SC_DPO_DISTRIBUTED")))
   module = "tests.parallel.test_multiprocess"
   commands = [(f"import {module} as t; t.distributed_worker({i}, {port}, {str(tmp_path)!r})",
                dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")) for i in range(2)]
   commands.append((f"import {module} as t; t.single_worker({str(tmp_path)!r})", dict(base, XLA_FLAGS=FAST_COMPILE)))
-  start = time.time()
-  procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for code, env in commands]
-  outputs = []
+  began = time.time()
+  jobs = [subprocess_helper.start([sys.executable, "-c", code], tmp_path / f"worker{i}.log", env=env)
+          for i, (code, env) in enumerate(commands)]
   try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=300))
+    for job in jobs:
+      job.wait(timeout=300)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.communicate()
-  for p, (stdout, stderr) in zip(procs, outputs):
-    assert p.returncode == 0, f"{p.args[-1]}\nrc {p.returncode}\n{stdout[-2000:]}\n{stderr[-5000:]}"
-  wall = time.time() - start
+    for job in jobs:
+      job.kill()
+  wall = time.time() - began
 
   dist, single, initial = (np.load(tmp_path / name) for name in ("distributed.npz", "single.npz", "initial.npz"))
   with open(tmp_path / "distributed.npz.json") as f:

@@ -19,8 +19,6 @@ summation order) reaches the loss multiplied by beta; at the published 5000 it i
 """
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 
@@ -36,10 +34,10 @@ from sc_dpo_jax.models import lora
 from sc_dpo_jax.parallel import distributed, rules
 from sc_dpo_jax.parallel.mesh import resolve_shape
 from sc_dpo_jax.rewards.cost_model import CostAdapter
+from tests.subprocess_helper import run
 
 pytestmark = pytest.mark.xdist_group("parallel")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Quick CPU compiles for the worker processes. jaxlib 0.11 dropped --xla_cpu_use_fusion_emitters (an unknown
 # XLA flag aborts the process), so it is passed only to the jaxlib versions that know it.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true" + (
@@ -216,15 +214,12 @@ MARK = "EIGHT_DEVICE_RESULT "
 @pytest.fixture(scope="module")
 def eight():
   """The worker's results: {"runs": [...], "mesh_errors": [...], ...}."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+  env = dict(TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
   code = f"import json, tests.parallel.test_sharding as t; print({MARK!r} + json.dumps(t.eight_device_worker()))"
   start = time.time()
-  result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=400)
+  result = run([sys.executable, "-c", code], env=env, timeout=400)
   lines = [line for line in result.stdout.splitlines() if line.startswith(MARK)]
-  assert result.returncode == 0 and lines, \
-      f"worker failed (rc {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+  assert lines, f"the worker printed no {MARK.strip()} line:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
   out = json.loads(lines[-1][len(MARK):])
   out["wall_seconds"] = time.time() - start
   return out

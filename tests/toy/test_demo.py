@@ -8,7 +8,6 @@ exist (as they are for a user re-running it), so it re-evaluates and re-reports 
 """
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -16,9 +15,9 @@ import pytest
 
 from sc_dpo_jax.toy import config as toy_config
 from sc_dpo_jax.toy import evaluate, world
+from tests.subprocess_helper import ROOT, run
 
 pytestmark = pytest.mark.xdist_group("toy_demo")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # Session scope: under xdist a worker may run another module between these tests, which would tear down and
@@ -28,8 +27,7 @@ def quick_workdir(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("toy") / "quick"
   cmd = [sys.executable, "-m", "sc_dpo_jax.main", "--config=configs/toy.py:quick", f"--workdir={workdir}",
          "--config.progress=false"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
+  proc = run(cmd, timeout=900)
   assert f"The toy-world report is in {workdir}/report/report.md" in proc.stdout
   return workdir
 

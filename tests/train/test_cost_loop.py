@@ -15,15 +15,15 @@ TensorFlow. SIGTERM (``train.preemption.StopSignal``, as in the DPO trainer) is 
 import io
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.subprocess_helper import ROOT, compilation_cache, run
+
 pytestmark = pytest.mark.xdist_group("cost_trainer")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 200       # the tiny config's default
 FIRST = 100
 
@@ -34,15 +34,11 @@ def _command(workdir, *overrides):
 
 
 def _env(cache):
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-              TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
+  return dict(compilation_cache(cache), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="--xla_backend_optimization_level=0")
 
 
 def _run(cmd, cache, timeout=300):
-  result = subprocess.run(cmd, env=_env(cache), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-  assert result.returncode == 0, result.stderr[-4000:]
-  return result
+  return run(cmd, env=_env(cache), timeout=timeout)
 
 
 def _summary(workdir):

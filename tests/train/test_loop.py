@@ -8,16 +8,16 @@ of a tiny model; every run of a comparison uses the same flags, so results stay 
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
+from tests.subprocess_helper import FAILS, ROOT, compilation_cache, run, start
+
 pytestmark = pytest.mark.xdist_group("trainer")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 6
 
 
@@ -29,15 +29,11 @@ def _command(workdir, config="configs/diffusion_dpo.py:tiny", *overrides):
 
 
 def _env(cache):
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-              TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
+  return dict(compilation_cache(cache), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="--xla_backend_optimization_level=0")
 
 
 def _run(cmd, cache, timeout=600, status=0, cwd=ROOT):
-  result = subprocess.run(cmd, env=_env(cache), cwd=cwd, capture_output=True, text=True, timeout=timeout)
-  assert result.returncode == status, result.stderr[-4000:]
-  return result
+  return run(cmd, env=_env(cache), cwd=cwd, timeout=timeout, status=status)
 
 
 def _summary(workdir):
@@ -90,18 +86,16 @@ def test_tiny_run_trains_checkpoints_logs_and_exports_for_diffusers(uninterrupte
 def test_sigterm_mid_run_then_restart_is_bit_identical(uninterrupted):
   root, cache, reference = uninterrupted
   workdir = root / "preempted"
-  proc = subprocess.Popen(_command(workdir), env=_env(cache), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  job = start(_command(workdir), root / "preempted.log", env=_env(cache))
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
+  while time.time() < deadline and job.running():
     if os.path.exists(metrics) and os.path.getsize(metrics) > 0:
-      proc.send_signal(signal.SIGTERM)
+      job.send_signal(signal.SIGTERM)
       break
     time.sleep(0.05)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 128 + signal.SIGTERM, err[-4000:]      # a scheduler can tell it from a finished run
-  assert "Traceback" not in err, err[-4000:]
+  out = job.wait(timeout=300, status=128 + signal.SIGTERM)       # a scheduler can tell it from a finished run
+  assert "Traceback" not in out, out[-4000:]
   first = _summary(workdir)
   assert first["stopped_by_signal"] and first["final_step"] < STEPS and first["stop_signal"] == "SIGTERM", first
   assert "export" not in first
@@ -155,9 +149,9 @@ def test_other_methods_train_and_export_for_diffusers(tmp_path_factory, method):
 
 
 def test_misspelt_config_key_names_it(tmp_path):
-  result = subprocess.run(_command(tmp_path / "w", "configs/duo.py:tiny", "--config.trian.steps=3"),
-                          env=_env(tmp_path / "cache"), cwd=ROOT, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0 and "trian" in result.stderr
+  result = _run(_command(tmp_path / "w", "configs/duo.py:tiny", "--config.trian.steps=3"), tmp_path / "cache",
+                timeout=120, status=FAILS)
+  assert "trian" in result.stderr
 
 
 def _copy_run(reference, workdir):

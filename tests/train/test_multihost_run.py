@@ -16,7 +16,6 @@ differently.
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -24,8 +23,8 @@ import numpy as np
 import pytest
 
 from tests.parallel.test_sharding import FAST_COMPILE
+from tests.subprocess_helper import ROOT, compilation_cache, start
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.xdist_group("multihost")
 
 PAIRS = 64
@@ -52,16 +51,12 @@ def _main_args(workdir, data):
 
 def _launch(tmp, workdir, data, processes, log_name):
   # A persistent compilation cache: the restarted two-process run reuses the first one's programs.
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=FAST_COMPILE,
-             JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env = dict(compilation_cache(tmp / "jax_cache"), TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=FAST_COMPILE)
   cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "--python", sys.executable, "--cpu-devices",
          str(4 // processes)]
   if processes > 1:
     cmd += ["--processes", str(processes)]
-  log = open(tmp / log_name, "w")  # pylint: disable=consider-using-with
-  return subprocess.Popen([*cmd, "--", *_main_args(workdir, data)], cwd=ROOT, env=env, stdout=log,
-                          stderr=subprocess.STDOUT), tmp / log_name
+  return start([*cmd, "--", *_main_args(workdir, data)], tmp / log_name, env=env)
 
 
 def _unet(workdir):
@@ -74,16 +69,17 @@ def test_two_processes_checkpoint_stop_resume_and_match_one_process(tmp_path):
   two, one = tmp_path / "two", tmp_path / "one"
 
   # First run: SIGTERM once checkpoint 2 is complete (Orbax renames its tmp folder when it is).
-  proc, log = _launch(tmp_path, two, tmp_path / "pairs", 2, "first.log")
+  job = _launch(tmp_path, two, tmp_path / "pairs", 2, "first.log")
   deadline = time.time() + 240
   while not (two / "checkpoints" / "2").is_dir():
-    assert proc.poll() is None, f"the first run ended before its first checkpoint:\n{log.read_text()[-4000:]}"
-    assert time.time() < deadline, f"no checkpoint after 240 s:\n{log.read_text()[-4000:]}"
+    if not job.running():
+      job.fail("the first run ended before its first checkpoint")
+    if time.time() > deadline:
+      job.stop(grace=30)         # SIGTERM: the launcher passes it on to its processes
+      job.fail("no checkpoint after 240 s")
     time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  rc = proc.wait(timeout=120)
-  text = log.read_text()
-  assert rc == 143, f"launcher status {rc} after SIGTERM (want 143):\n{text[-4000:]}"
+  job.send_signal(signal.SIGTERM)
+  text = job.wait(timeout=120, status=143)        # the launcher's status after SIGTERM
   assert "Cannot serialize" not in text and "Traceback" not in text, text[-4000:]
   saved = sorted(int(p) for p in os.listdir(two / "checkpoints") if p.isdigit())
   stopped_at = saved[-1]
@@ -91,10 +87,7 @@ def test_two_processes_checkpoint_stop_resume_and_match_one_process(tmp_path):
   assert "stopped by a signal" in text
 
   # Second run: the same command resumes and finishes.
-  proc, log = _launch(tmp_path, two, tmp_path / "pairs", 2, "second.log")
-  rc = proc.wait(timeout=300)
-  text = log.read_text()
-  assert rc == 0, text[-4000:]
+  text = _launch(tmp_path, two, tmp_path / "pairs", 2, "second.log").wait(timeout=300)
   assert f"resumed from step {stopped_at}" in text, text[-4000:]
   summary = json.loads((two / "summary.json").read_text())
   assert summary["final_step"] == STEPS and not summary["stopped_by_signal"]
@@ -103,8 +96,7 @@ def test_two_processes_checkpoint_stop_resume_and_match_one_process(tmp_path):
   assert logged[-1] == STEPS
 
   # One process, four devices, the same global batches.
-  proc, log = _launch(tmp_path, one, tmp_path / "pairs_global_order", 1, "one.log")
-  assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
+  _launch(tmp_path, one, tmp_path / "pairs_global_order", 1, "one.log").wait(timeout=300)
 
   got, want = _unet(two), _unet(one)
   assert got.keys() == want.keys()

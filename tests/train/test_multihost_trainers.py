@@ -17,8 +17,6 @@ and on each other much of the time, so on 2 cores the file takes about the longe
 """
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -26,8 +24,8 @@ import pytest
 
 from tests.gcs_standin import gcs_root  # noqa: F401  pylint: disable=unused-import
 from tests.parallel.test_sharding import FAST_COMPILE
+from tests.subprocess_helper import ROOT, start
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.xdist_group("multihost")
 
 COST_STEPS, COST_EVERY = 12, 4
@@ -49,31 +47,13 @@ def _rl_args(workdir):
           "--config.rl.samples_per_prompt=2", "--config.rl.timestep_fraction=0.25"]
 
 
-class Launch:
-  """One ``launch/local.sh`` run in the background, its output in ``log``."""
-
-  def __init__(self, tmp, name, main_args, processes):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=FAST_COMPILE, PYTHONPATH=ROOT)
-    cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "--python", sys.executable, "--cpu-devices", "1"]
-    if processes > 1:
-      cmd += ["--processes", str(processes)]
-    self.log = tmp / f"{name}.log"
-    with open(self.log, "w") as out:
-      self.proc = subprocess.Popen([*cmd, "--", *main_args], cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
-
-  def wait(self, timeout=400):
-    """``(exit status, output)``."""
-    return self.proc.wait(timeout=timeout), self.log.read_text()
-
-  def stop(self):
-    if self.proc.poll() is None:          # SIGTERM: the launcher passes it on and waits for its processes
-      self.proc.send_signal(signal.SIGTERM)
-      try:
-        self.proc.wait(timeout=60)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
+def _launch(tmp, name, main_args, processes):
+  """One ``launch/local.sh`` run in the background, its output in ``tmp/<name>.log``."""
+  cmd = ["bash", os.path.join(ROOT, "launch", "local.sh"), "--python", sys.executable, "--cpu-devices", "1"]
+  if processes > 1:
+    cmd += ["--processes", str(processes)]
+  return start([*cmd, "--", *main_args], tmp / f"{name}.log",
+               env={"TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": FAST_COMPILE})
 
 
 @pytest.fixture(scope="module")
@@ -81,15 +61,15 @@ def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multihost_trainers")
   dirs = {name: tmp / name for name in ("rl_two", "cost_two", "cost_one")}
   launches = {
-      "rl_two": Launch(tmp, "rl_two", _rl_args(dirs["rl_two"]), 2),          # the longest first
-      "cost_two": Launch(tmp, "cost_two", _cost_args(dirs["cost_two"]), 2),
-      "cost_one": Launch(tmp, "cost_one", _cost_args(dirs["cost_one"]), 1),
+      "rl_two": _launch(tmp, "rl_two", _rl_args(dirs["rl_two"]), 2),          # the longest first
+      "cost_two": _launch(tmp, "cost_two", _cost_args(dirs["cost_two"]), 2),
+      "cost_one": _launch(tmp, "cost_one", _cost_args(dirs["cost_one"]), 1),
   }
   try:
     yield launches, dirs
   finally:
     for launch in launches.values():
-      launch.stop()
+      launch.stop()          # SIGTERM: the launcher passes it on and waits for its processes (then SIGKILL)
 
 
 def _adapter(workdir):
@@ -118,8 +98,7 @@ def _printed_summaries(text, process):
 
 def test_cost_model_two_processes_checkpoint_and_export_what_one_process_does(runs):
   launches, dirs = runs
-  rc, text = launches["cost_two"].wait()
-  assert rc == 0, text[-4000:]
+  text = launches["cost_two"].wait(timeout=400)
   assert "Traceback" not in text and DIFFERS not in text, text[-4000:]
   two = dirs["cost_two"]
   assert _steps(two / "checkpoints") == [4, 8, 12]
@@ -134,8 +113,7 @@ def test_cost_model_two_processes_checkpoint_and_export_what_one_process_does(ru
   logged = [json.loads(line)["step"] for line in (two / "metrics.jsonl").read_text().splitlines()]
   assert logged == [0, 4, 8, 12], logged                                  # one writer: no line twice
 
-  rc, text_one = launches["cost_one"].wait()
-  assert rc == 0, text_one[-4000:]
+  launches["cost_one"].wait(timeout=400)
   got, want = _adapter(two), _adapter(dirs["cost_one"])
   assert got.keys() == want.keys()
   for k in want:
@@ -145,8 +123,7 @@ def test_cost_model_two_processes_checkpoint_and_export_what_one_process_does(ru
 
 def test_rl_two_processes_run_past_a_checkpoint_and_finish(runs):
   launches, dirs = runs
-  rc, text = launches["rl_two"].wait()
-  assert rc == 0, text[-4000:]
+  text = launches["rl_two"].wait(timeout=400)
   assert "Traceback" not in text, text[-4000:]
   rl = dirs["rl_two"]
   assert _steps(rl / "checkpoints") == [1, 2]

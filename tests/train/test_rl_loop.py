@@ -16,15 +16,15 @@ DPO trainer; the export below goes through the same merged policy parameters).
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.subprocess_helper import ROOT, compilation_cache, start
+
 pytestmark = pytest.mark.xdist_group("rl_trainer")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ITERATIONS = 3
 SAMPLES, PER_PROMPT = 4, 2      # samples and samples of each prompt per iteration (2 updates of 2)
 PROMPTS = SAMPLES // PER_PROMPT
@@ -39,9 +39,7 @@ def _command(workdir):
 
 
 def _env(cache):
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-              TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0")
+  return dict(compilation_cache(cache), TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="--xla_backend_optimization_level=0")
 
 
 def _summary(workdir):
@@ -80,16 +78,10 @@ class _Runs:
     self._start("reference", self.reference)
 
   def _start(self, name, workdir):
-    log = open(self.root / f"{name}.log", "w")
-    self.procs[name] = (subprocess.Popen(_command(workdir), env=_env(self.root / "cache"), cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT), log)
+    self.procs[name] = start(_command(workdir), self.root / f"{name}.log", env=_env(self.root / "cache"))
 
   def _wait(self, name):
-    proc, log = self.procs[name]
-    if proc.wait(timeout=600) != 0:
-      log.flush()
-      with open(self.root / f"{name}.log") as f:
-        pytest.fail(f"the {name} run failed:\n{f.read()[-4000:]}")
+    self.procs[name].wait(timeout=600)
 
   def first(self):
     self._wait("reference")
@@ -109,11 +101,8 @@ class _Runs:
     return self.resumed
 
   def close(self):
-    for proc, log in self.procs.values():
-      if proc.poll() is None:
-        proc.kill()
-      proc.wait()
-      log.close()
+    for job in self.procs.values():
+      job.kill()
 
 
 @pytest.fixture(scope="module", autouse=True)
