@@ -6,7 +6,8 @@ them, ``ClipScore`` is the CLIP cosine, ``cost_model.CostReward`` the safety cos
 detector (NudeNet's ONNX model, batched on the host) and ``NudityReward`` its score as a reward.
 
 ``clip_preprocess.preprocess`` turns uint8 / [0, 1] NHWC images of any size into CLIP pixel values (a jit-able
-approximation of transformers' CLIPImageProcessor). ``cost_model`` holds the safety cost model
+approximation of transformers' CLIPImageProcessor). ``terms`` names the RL trainer's reward terms
+(``REWARD_TERMS``) and builds its weighted reward from a config (``make_reward``). ``cost_model`` holds the safety cost model
 ``C(x) = g_psi(normalize(CLIP_image(x)))`` and its save/load (its training step: ``train.cost_steps``).
 """
 from sc_dpo_jax.rewards.base import WeightedSum, brightness, check_output
