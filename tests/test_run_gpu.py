@@ -27,7 +27,9 @@ def _results(out):
     return json.load(f)
 
 
-def test_smoke_run_gives_the_table(tmp_path):
+@pytest.mark.slow      # about 2 minutes alone (4-5 in the parallel suite): make test-slow; the budget and failure
+def test_smoke_run_gives_the_table(tmp_path):   # paths below stay in make test
+
   out = tmp_path / "out"
   # The torch.compile peers take minutes on a CPU: test_compile_peers runs them (slow).
   proc = _run(out, SKIP="peer_step_compile peer_sample_compile ours_sc_dpo ours_duo_lora")

@@ -7,8 +7,9 @@ detector (NudeNet's ONNX model, batched on the host) and ``NudityReward`` its sc
 
 ``clip_preprocess.preprocess`` turns uint8 / [0, 1] NHWC images of any size into CLIP pixel values (a jit-able
 approximation of transformers' CLIPImageProcessor). ``terms`` names the RL trainer's reward terms
-(``REWARD_TERMS``) and builds its weighted reward from a config (``make_reward``). ``cost_model`` holds the safety cost model
-``C(x) = g_psi(normalize(CLIP_image(x)))`` and its save/load (its training step: ``train.cost_steps``).
+(``REWARD_TERMS``) and builds its weighted reward from a config (``make_reward``). ``cost_model`` holds the
+safety cost model ``C(x) = g_psi(normalize(CLIP_image(x)))`` and its save/load (its training step:
+``train.cost_steps``).
 """
 from sc_dpo_jax.rewards.base import WeightedSum, brightness, check_output
 from sc_dpo_jax.rewards.clip_preprocess import CLIP_MEAN, CLIP_STD, preprocess, resize_output_size

@@ -14,7 +14,8 @@ What :func:`train_dpo` does, in order:
 4. **State**: ``sharded_state.sharded_train_state`` creates the train state and the frozen models already sharded
    by the logical-axis rules; the step (``train.dpo_steps`` inside the NaN guard ``train.guard``) is jitted
    with explicit shardings and compiled ahead of time once; its FLOP count gives TFLOP/s per device.
-5. **Resume** (``train.harness.Run``, the skeleton every trainer shares): the latest checkpoint in ``<workdir>/checkpoints`` (state, rng, data position) if any.
+5. **Resume** (``train.harness.Run``, the skeleton every trainer shares): the latest checkpoint in
+   ``<workdir>/checkpoints`` (state, rng, data position) if any.
 6. **Loop**: a progress bar (pairs/s, loss); every ``train.log_every`` steps the mean metrics to
    ``metrics.jsonl`` and TensorBoard (with throughput, TFLOP/s per device, skipped updates, bad records);
    sample grids of ``train.eval_prompts`` every ``train.sample_every`` steps and at the end
