@@ -58,14 +58,12 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from tqdm import tqdm
 
 from sc_dpo_jax import paths
 from sc_dpo_jax.data import cost_pairs
 from sc_dpo_jax.parallel.multihost import barrier
 from sc_dpo_jax.rewards import cost_model as cost_lib
 from sc_dpo_jax.train import cost_data, cost_steps, guard, harness, optim
-from sc_dpo_jax.train.preemption import StopSignal
 
 # Keys that define which pairs, labels and batches a run sees: a resumed run must have the saved values.
 ORDER_KEYS = ("seed", "model.clip_folder", "data.train", "data.split", "data.eval", "data.eval_split",
@@ -145,12 +143,13 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: paths.PathLike)
   config_json = harness.config_dict(c)
   # The state is checkpointed as host numpy arrays (save, below), which Orbax writes from process 0 alone; a
   # host-local jax.Array held by several processes could not be saved. Restored as numpy, put back on `device`.
-  ckpt = harness.open_checkpoints(c, root)
+  run = harness.Run(c, root, name="cost_model", unit="step", total=int(c.train.steps))
+  ckpt = run.ckpt
   latest = ckpt.latest_step()
   saved = ckpt.saved_config_or_none(latest) if latest is not None else None    # unreadable: set aside below
   if saved is not None:
     check_resume_config(saved, config_json, ckpt.directory)
-  restored = harness.resume(ckpt, c, abstract_state=jax.device_get(state), rng=rng)
+  restored = run.resume(abstract_state=jax.device_get(state), rng=rng)
   if restored is not None:
     state, rng = jax.device_put((restored.state, restored.rng), device)
   start_step = int(state.step)
@@ -160,9 +159,6 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: paths.PathLike)
     check_same_state(host_state, step)
     ckpt.save(step, state=host_state, rng=rng, data_state=None, config=config_json)
 
-  writer = harness.open_metrics(c, root, start_step)
-  counter = guard.NonFiniteCounter(int(c.train.max_nonfinite_in_a_row))
-  steps = int(c.train.steps)
   summary: Dict[str, Any] = {
       "workdir": str(root), "clip_folder": clip_folder, "start_step": start_step,
       "labels": {"rank_by": rank_by, "anchor_by": anchor_by, "min_cost_gap": float(c.labels.min_cost_gap),
@@ -172,62 +168,46 @@ def train_cost_model(config: ml_collections.ConfigDict, workdir: paths.PathLike)
                      f"data.eval_fraction = {c.data.eval_fraction}", "embeddings": eval_info or "split of train"}
                     if eval_data is not None else None),
   }
+  run.open(start_step)
   if eval_data is not None:
     summary["eval_at_start"] = cost_steps.evaluate(cost_fn, state.params, eval_data, alpha)
     if start_step == 0:
-      writer.write(0, summary["eval_at_start"])
-  window, window_start, window_steps = [], time.time(), 0
+      run.log(0, summary["eval_at_start"])
   last_eval = summary.get("eval_at_start")
   last_train: Dict[str, float] = {}
-  stopped_by_signal = False
-  bar = tqdm(total=steps, initial=min(start_step, steps), desc="cost_model", disable=not progress, unit="step")
-  with StopSignal() as stop, harness.saves_finished(ckpt, writer):
-    step_index = start_step
-    while step_index < steps:
-      state, metrics = step_fn(state, None, batches(step_index), rng)
-      window.append((step_index, metrics))
-      step_index += 1
-      window_steps += 1
-      bar.update(1)
-      last = step_index == steps
-      stopped_by_signal = stop.requested(step_index)
+  with run:
+    for index in run.indices(start_step):
+      state, metrics = step_fn(state, None, batches(index), rng)
+      run.window.add(index, metrics)
+      due = run.tick(index + 1)
       record: Dict[str, Any] = {}
-      if step_index % int(c.train.log_every) == 0 or last or stopped_by_signal:     # a stop keeps its window
-        host = _drain(window, counter)
-        elapsed = time.time() - window_start
-        last_train = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      if due.log:     # a stop keeps its window
+        last_train, window_steps, elapsed = run.window.means()
         record.update(last_train)
-        record.update({"learning_rate": float(lr_schedule(step_index - 1)), "steps_per_s": window_steps / elapsed,
+        record.update({"learning_rate": float(lr_schedule(due.index - 1)), "steps_per_s": window_steps / elapsed,
                        "pairs_per_s": window_steps * int(c.data.batch_size) / elapsed,
-                       "skipped_updates_total": counter.total})
-        bar.set_postfix(loss=f"{last_train['loss']:.4f}", rank_acc=f"{last_train['ranking_accuracy']:.2f}")
-        window_start, window_steps = time.time(), 0
-      if eval_data is not None and (step_index % int(c.train.eval_every) == 0 or last):
+                       "skipped_updates_total": run.counter.total})
+      if eval_data is not None and (due.index % int(c.train.eval_every) == 0 or due.last):
         last_eval = cost_steps.evaluate(cost_fn, state.params, eval_data, alpha)
         record.update(last_eval)
       if record:
-        writer.write(step_index, record)
-      if step_index % int(c.train.checkpoint_every) == 0 or last or stopped_by_signal:
-        save(step_index)
-      if stopped_by_signal:
-        logging.warning("stopped by a signal after step %d; checkpoint saved, rerun to resume", step_index)
+        postfix = ({"loss": f"{last_train['loss']:.4f}", "rank_acc": f"{last_train['ranking_accuracy']:.2f}"}
+                   if due.log else {})
+        run.log(due.index, record, **postfix)
+      if due.checkpoint:
+        save(due.index)
+      if due.stop:
+        run.stopped(due.index)
         break
-    _drain(window, counter)
-  bar.close()
-  ckpt.close()
-  summary.update({"final_step": int(state.step), "stopped_by_signal": stopped_by_signal, **harness.stop_fields(stop),
-                  "skipped_updates": counter.total, "train_final": last_train})
+  summary.update({"final_step": int(state.step), **run.end(), "train_final": last_train})
   if eval_data is not None:
     summary["eval_final"] = last_eval
-  if not stopped_by_signal and c.train.export:
+  if not run.stopped_by_signal and c.train.export:
     folder = root / "export"
     if primary:
       cost_lib.save_cost_model(str(folder), model, jax.device_get(state.params))
     summary["export"] = str(folder)
-  writer.close()
-  summary["wall_s"] = round(time.time() - t_start, 2)
-  if primary:
-    paths.write_json(root / "summary.json", summary)
+  run.close(summary, t_start)
   barrier("cost model: summary and export")
   return summary
 
@@ -256,14 +236,3 @@ def check_same_state(host_state: Any, step: int) -> bool:
                     "every process trains on the same embeddings and batches (a nondeterministic device "
                     "computation?); the checkpoint and the export hold process 0's", step, differing)
   return not differing
-
-
-def _drain(window, counter: guard.NonFiniteCounter):
-  """The window's step metrics on the host, each counted by the NaN guard's counter; empties the window."""
-  host = []
-  for index, metrics in window:
-    values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
-    counter.update(index, values)
-    host.append(values)
-  window.clear()
-  return host

@@ -230,7 +230,7 @@ class Run:
     stop = self.stop.requested(index)
     self.stopped_by_signal = stop
     return Due(index=index, last=last, stop=stop, log=index % int(train.log_every) == 0 or last or stop,
-               sample=bool(train.sample_every) and index % int(train.sample_every) == 0 and not last,
+               sample=bool(train.get("sample_every")) and index % int(train.sample_every) == 0 and not last,
                checkpoint=index % int(train.checkpoint_every) == 0 or last or stop)
 
   def log(self, index: int, values: Mapping[str, Any], **postfix: str) -> None:
