@@ -24,7 +24,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, expo
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _drop_closed_event_loop_noise(previous):
+  """``sys.unraisablehook`` that drops ``RuntimeError('Event loop is closed')`` raised while garbage collection
+  finalises the asyncio futures of an Orbax restore that failed (a damaged checkpoint, which the trainer has
+  already set aside and reported in one warning); every other unraisable exception goes to ``previous``."""
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      logging.debug("dropped an 'Event loop is closed' left by a failed checkpoint read")
+      return
+    previous(unraisable)
+
+  return hook
+
+
 def main(argv):
+  sys.unraisablehook = _drop_closed_event_loop_noise(sys.unraisablehook)
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, paths.resolve(_WORKDIR.value)
