@@ -240,10 +240,12 @@ class Run:
       self.bar.set_postfix(**postfix)
 
   def stopped(self, index: int) -> None:
+    """Logs that a signal stopped the run after ``index`` (its checkpoint is saved; a rerun resumes)."""
     logging.warning("stopped by a signal after %s %d; checkpoint saved, rerun to resume", self.unit_name, index)
 
   @property
   def unit_name(self) -> str:
+    """The unit in words ("iteration" for tqdm's "it")."""
     return {"it": "iteration"}.get(self.unit, self.unit)
 
   def end(self) -> Dict[str, Any]:
