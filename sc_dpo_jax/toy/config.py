@@ -7,7 +7,7 @@ datasets and fewer seeds: the tests and the notebook's quick mode).
 import ml_collections
 from ml_collections import config_dict
 
-from sc_dpo_jax.train.config import dpo_config
+from sc_dpo_jax.train.config import choose_variant, dpo_config
 from sc_dpo_jax.train.cost_config import cost_model_config
 from sc_dpo_jax.train.rl_config import rl_config
 
@@ -54,9 +54,7 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
 
 
 def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
-  variant = variant or "default"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS} (configs/toy.py:<variant>)")
+  variant = choose_variant(variant, VARIANTS, "default", "configs/toy.py:<variant>")
   quick = variant == "quick"
   c = ml_collections.ConfigDict()
   c.job = "toy"

@@ -35,6 +35,7 @@ from absl import logging
 from etils import epath
 
 from sc_dpo_jax import paths
+from sc_dpo_jax.parallel import multihost
 
 POSITION_KEYS = ("epoch", "ordinal", "batches", "records", "bad_records")
 ITEMS = ("state", "rng", "data", "config", "extra")
@@ -209,7 +210,7 @@ class Checkpointer:
       if target.exists():
         target.rmtree()
       source.rename(target)
-    _barrier(f"set aside checkpoint {step}")
+    multihost.barrier(f"set aside checkpoint {step}")
     self.manager.reload()
     logging.warning("checkpoint %s cannot be read (%s: %s); moved it to %s and trying the previous one",
                     source, type(error).__name__, first_line, target)
@@ -272,12 +273,6 @@ def _key_name(key) -> str:
     if hasattr(key, attr):
       return str(getattr(key, attr))
   return str(key)
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def _host_key(rng) -> np.ndarray:

@@ -33,13 +33,20 @@ VARIANTS = ("tiny", "sd15", "sd21", "sd15_official")
 EVAL_PROMPTS = ("a square", "a circle", "a bar", "a red square")
 
 
+def choose_variant(variant: str, variants, default: str, where: str = "configs/<file>.py:<variant>") -> str:
+  """``variant`` (empty: ``default``), checked against ``variants``; the error names them and ``where`` the
+  variant is written. Every config builder (DPO, RL, cost model, toy) starts with it."""
+  variant = variant or default
+  if variant not in variants:
+    raise ValueError(f"unknown config variant {variant!r}; choose one of {variants} ({where})")
+  return variant
+
+
 def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
   """The whole config of a ``job = "dpo"`` run of ``method`` (``dpo_steps.METHODS``)."""
   if method not in dpo_steps.METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {dpo_steps.METHODS}")
-  variant = variant or "tiny"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS} (configs/<file>.py:<variant>)")
+  variant = choose_variant(variant, VARIANTS, "tiny")
   if variant == "sd15_official":
     return official_sd15(method)
   duo = method == "duo"

@@ -8,6 +8,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from sc_dpo_jax.train import optim
+from sc_dpo_jax.train.config import choose_variant
 
 VARIANTS = ("tiny", "sd15")
 
@@ -17,9 +18,7 @@ def cost_model_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   the key. ``tiny``: a random tiny CLIP and synthetic pairs in the workdir (seconds on a CPU). ``sd15``: the CLIP
   ViT-L/14 vision tower of Stable Diffusion 1.x's family (``model.clip_folder``) and a pair dataset
   (``data.train``), both required."""
-  variant = variant or "tiny"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS} (configs/cost_model.py:<variant>)")
+  variant = choose_variant(variant, VARIANTS, "tiny", "configs/cost_model.py:<variant>")
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
   c.job = "cost_model"

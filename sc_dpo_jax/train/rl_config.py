@@ -33,6 +33,7 @@ from ml_collections import config_dict
 
 from sc_dpo_jax.rewards.nudenet import DEFAULT_EXPOSED, DEFAULT_THRESHOLD
 from sc_dpo_jax.train import optim
+from sc_dpo_jax.train.config import choose_variant
 
 VARIANTS = ("tiny", "sd15", "sd21")
 EVAL_PROMPTS = ("a red square", "a blue circle")
@@ -40,9 +41,7 @@ EVAL_PROMPTS = ("a red square", "a blue circle")
 
 def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   """The whole config of a ``job = "rl"`` run (ShieldDiff-style DDPO, METHODS.md)."""
-  variant = variant or "tiny"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS} (configs/<file>.py:<variant>)")
+  variant = choose_variant(variant, VARIANTS, "tiny")
   tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
   c.job = "rl"
