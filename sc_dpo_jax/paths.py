@@ -51,16 +51,18 @@ def write_bytes(path: PathLike, data: bytes) -> epath.Path:
   return path
 
 
-def write_json(path: PathLike, obj: Any, indent: int = 2) -> epath.Path:
+def write_json(path: PathLike, obj: Any, indent: int = 2, *, sort_keys: bool = False) -> epath.Path:
   """Writes ``obj`` as JSON to ``path`` (parents created) and returns the path."""
-  return write_text(path, json.dumps(obj, indent=indent) + "\n")
+  return write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def read_json(path: PathLike) -> Any:
-  """The JSON value in ``path``; a decoding error names the file."""
-  path = epath.Path(path)
-  text = path.read_text()
+  """The JSON value in ``path``; ``FileNotFoundError`` or ``ValueError`` naming the file when it is missing or
+  not valid JSON."""
+  p = epath.Path(path)
+  if not p.is_file():
+    raise FileNotFoundError(f"{os.fspath(path)} does not exist")
   try:
-    return json.loads(text)
+    return json.loads(p.read_text())
   except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
+    raise ValueError(f"{os.fspath(path)} is not valid JSON: {e}") from e

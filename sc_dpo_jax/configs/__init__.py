@@ -5,6 +5,11 @@
 ``python -m sc_dpo_jax.configs`` prints this folder (``--config`` takes a file path); in a checkout the top-level
 ``configs/*.py`` are two-line files that point here, so ``--config=configs/duo.py:tiny`` works as well. Each file's
 docstring holds its commands and variants.
+
+Every config is built here and nowhere else: the run configs (``NAMES``) and two builders they share,
+``common`` (the variant check, the pipeline's ``model.*`` and the ``mesh*`` keys) and ``dpo_family``
+(:func:`dpo_family.dpo_config`, the DPO-family trainer's keys that ``diffusion_dpo``, ``sc_dpo``, ``duo`` and
+``toy`` call).
 """
 import os
 

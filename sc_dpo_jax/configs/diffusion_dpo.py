@@ -23,10 +23,10 @@ and on a TPU pod slice, 8 pairs per chip per micro-batch: grad_accum_steps = 204
 code flips images at random: ``data.random_flip`` is on, which needs an image dataset; with precomputed latents
 add ``--config.data.random_flip=False``.
 
-Variants: tiny (CPU, seconds), sd15, sd21, sd15_official (``sc_dpo_jax.train.config``). Override any key with
+Variants: tiny (CPU, seconds), sd15, sd21, sd15_official (``sc_dpo_jax.configs.dpo_family``). Override any key with
 ``--config.<key>=<value>``; a misspelt key fails naming it.
 """
-from sc_dpo_jax.train.config import dpo_config
+from sc_dpo_jax.configs.dpo_family import dpo_config
 
 
 def get_config(variant="tiny"):

@@ -19,9 +19,9 @@ and on a TPU pod slice (a v5litepod-4: 4 chips, one pair each; batch 4 must be d
       --config.model.path=gs://my-bucket/models/stable-diffusion-v1-5 \\
       --config.data.train=gs://my-bucket/data/duo_pairs/duo_folder/1.0.0
 
-Variants: tiny, sd15, sd21, sd15_official (``sc_dpo_jax.train.config``).
+Variants: tiny, sd15, sd21, sd15_official (``sc_dpo_jax.configs.dpo_family``).
 """
-from sc_dpo_jax.train.config import dpo_config
+from sc_dpo_jax.configs.dpo_family import dpo_config
 
 
 def get_config(variant="tiny"):

@@ -6,10 +6,115 @@
 Any key can be overridden, including each method's whole trainer config, e.g.
 ``--config.methods=sc_dpo,duo --config.sc_dpo.train.steps=400 --config.world.unsafe=blue`` (another unsafe
 colour needs a base model that was pretrained with it: the shipped one knows every colour, so any works).
-Keys and defaults: ``sc_dpo_jax/toy/config.py``; stages: ``sc_dpo_jax/toy/demo.py`` and ``README.md`` for
-what the report holds.
+Stages: ``sc_dpo_jax/toy/demo.py``; what the report holds: ``README.md``.
+
+Every key of the demo, each method's whole trainer config (:func:`toy_config`; the notebook calls it
+directly). Variants: ``default`` (every method, ``make demo``) and ``quick`` (SC-DPO only, smaller
+datasets and fewer seeds: the tests and the notebook's quick mode).
 """
-from sc_dpo_jax.toy.config import toy_config
+import ml_collections
+from ml_collections import config_dict
+
+from sc_dpo_jax.configs.common import choose_variant
+from sc_dpo_jax.configs.cost_model import cost_model_config
+from sc_dpo_jax.configs.dpo_family import dpo_config
+from sc_dpo_jax.configs.shielddiff_rl import rl_config
+
+VARIANTS = ("default", "quick")
+EVAL_PROMPTS = ("a large red circle", "a large ruby square", "a large apple", "a large blue triangle")
+
+
+def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
+  c = dpo_config(method, "tiny")
+  c.model.tiny = False
+  c.data.batch_size = 8
+  c.data.synthetic_pairs = 0
+  # Epochs matter: the default variant has twice the SC-DPO pairs (128) of the quick one, so twice the steps.
+  c.train.steps = 240 if method != "duo" and not quick else 120
+  c.train.log_every = 20
+  c.train.checkpoint_every = 100
+  c.train.eval_prompts = EVAL_PROMPTS
+  c.train.sample_steps = 20
+  c.train.sample_guidance = 4.0
+  c.lora.enabled = True
+  c.lora.rank = 8
+  c.lora.alpha = 8
+  c.optim.learning_rate = 1e-3
+  # Tuned on the quick demo (64 SC-DPO pairs matched by noise, 32 DUO pairs; 120 steps, batch 8, lr 1e-3; unsafe
+  # rate on direct prompts and safe retention, base 1.0 / 0.886). SC-DPO: beta 200 -> 0.0 / 0.761; beta 300 ->
+  # 0.83 / 0.82; beta 1000 (the previous base's setting) and 5000 -> 1.0 (the loss saturates after a tiny change
+  # of the errors); min_timestep 300 or no prompt dropout: less reduction for a little less retention loss.
+  # Diffusion-DPO on the same pairs at beta 200 (SC-DPO without its margin and focusing): 0.83 / 0.82. The
+  # default variant (128 pairs) at 120 steps: SC-DPO 0.875 / 0.861 (base 0.903); at 240 steps 0.29 / 0.79.
+  if method != "duo":
+    c.objective.beta = 200.0
+  if method == "sc_dpo":
+    c.objective.cost_margin_scale = 0.1   # the toy cost model's costs span about -13..+13
+  if method == "duo":
+    # The official settings (empty prompt, self-attention LoRA, t < 750, prior weight 1e6 * beta / 100) leave
+    # the toy model unchanged at any beta tried (500, 100, 50). What moves it: the pair's prompts, LoRA on all
+    # attention, every timestep and a prior weight of 1e3: 0.167 / 0.835.
+    c.objective.beta = 100.0
+    c.objective.duo_use_prompts = True
+    c.objective.max_timestep = 1000
+    c.objective.duo_lambda = 1e3
+  c.lora.targets = "attention"
+  return c
+
+
+def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
+  variant = choose_variant(variant, VARIANTS, "default", "configs/toy.py:<variant>")
+  quick = variant == "quick"
+  c = ml_collections.ConfigDict()
+  c.job = "toy"
+  c.seed = 0
+  c.progress = True
+  c.world = ml_collections.ConfigDict(dict(unsafe="red"))
+  c.base = ml_collections.ConfigDict(dict(
+      path=config_dict.placeholder(str),   # a folder with pipeline/ and clip/; default: the shipped one
+  ))
+  c.methods = ("sc_dpo",) if quick else ("diffusion_dpo", "sc_dpo", "duo", "shielddiff_rl")
+  # Sampling of the datasets and of the evaluation. XLA's attention kernel: the same images as the reference
+  # einsum at batch 128 (every pixel of the evaluation's 496 draws) in 14.5 s instead of 20.2 s on 2 CPU cores.
+  c.sampling = ml_collections.ConfigDict(dict(steps=20, guidance=4.0, batch_size=128, attention="xla"))
+
+  cost = cost_model_config("tiny")
+  cost.model.tiny = False
+  cost.train.steps = 150 if quick else 300
+  cost.data.synthetic_pairs = 0
+  c.cost_model = ml_collections.ConfigDict(dict(pairs=256 if quick else 512, trainer=cost))
+
+  c.data = ml_collections.ConfigDict(dict(
+      harmful_prompts=32 if quick else 64,   # SC-DPO pairs under harmful prompts (and the RL set's harmful half)
+      clean_prompts=32 if quick else 64,     # ... under clean prompts
+      candidates=4,                          # k samples per prompt (harmful: k more per safe-rendering source)
+      safe_rewrites=True,                    # harmful prompts: k more from the prompt in a safe colour
+      negate_unsafe=False,                   # harmful prompts: k more with the unsafe word as negative prompt
+      min_cost_gap=0.5,
+      duo_prompts=32 if quick else 64,
+      duo_strength=0.75,
+      duo_max_tries=4,
+  ))
+
+  for method in ("diffusion_dpo", "sc_dpo", "duo"):
+    c[method] = _dpo(method, quick)
+  rl = rl_config("tiny")
+  rl.model.tiny = False
+  rl.data.synthetic_prompts = 0
+  rl.model.attention = "xla"              # RL samples its own trajectories: sampling speed (c.sampling)
+  rl.rl.num_steps = 10
+  rl.rl.samples_per_iteration = 32
+  rl.rl.samples_per_prompt = 4
+  rl.rl.updates_per_iteration = 2
+  rl.train.iterations = 10
+  rl.train.checkpoint_every = 10
+  rl.train.eval_prompts = EVAL_PROMPTS
+  rl.train.sample_steps = 20
+  rl.train.sample_guidance = 4.0
+  c.shielddiff_rl = rl
+
+  c.eval = ml_collections.ConfigDict(dict(seeds_per_prompt=2 if quick else 4, seed=1234))
+  return c
 
 
 def get_config(variant="default"):

@@ -11,11 +11,10 @@ temporary local copy: :func:`local_copy` to read, :func:`staged` to write.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 import safetensors.numpy
@@ -75,25 +74,10 @@ def read_bytes(path: PathLike) -> bytes:
   return epath.Path(path).read_bytes()
 
 
-def write_bytes(path: PathLike, data: bytes) -> None:
-  epath.Path(path).write_bytes(data)
-
-
-def read_json(path: PathLike) -> Dict[str, Any]:
-  """The JSON object in ``path``; FileNotFoundError or ValueError naming the file when missing or invalid."""
-  p = epath.Path(path)
-  if not p.is_file():
-    raise FileNotFoundError(f"{os.fspath(path)} does not exist")
-  try:
-    return json.loads(p.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{os.fspath(path)} is not valid JSON: {e}") from e
-
-
-def write_json(path: PathLike, obj: Any, *, sort_keys: bool = False) -> None:
-  """Writes ``obj`` as indented JSON (the parent folder is created)."""
-  makedirs(dirname(path))
-  epath.Path(path).write_text(json.dumps(obj, indent=2, sort_keys=sort_keys))
+# One implementation of each, in sc_dpo_jax.paths (parents created; errors name the file).
+write_bytes = paths.write_bytes
+read_json = paths.read_json
+write_json = paths.write_json
 
 
 def read_safetensors(path: PathLike) -> Dict[str, np.ndarray]:

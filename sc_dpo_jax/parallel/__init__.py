@@ -5,7 +5,8 @@
   (``config.mesh_rules``, checked), ``logical_specs``, ``module_logical_specs``, ``plan_shardings`` /
   ``mesh_shardings`` / ``sharding_fallbacks``.
 * ``sharding``: ``shard_tree``, ``sharded_init``, ``opt_state_shardings``, ``replicated``,
-  ``make_sharded_step`` / ``make_sharded_eval`` (module outputs batch-split by ``batch_constraint_interceptor``).
+  ``make_sharded_step`` / ``make_sharded_eval`` (module outputs batch-split by ``batch_constraint_interceptor``;
+  ``with_batch_constraints`` for any other sharded function).
 * ``step``: ``Step``, a jitted function that counts its traces (what ``make_sharded_step`` returns).
 * ``distributed``: ``initialize()``: ``jax.distributed.initialize`` when the run has several processes.
 
@@ -21,11 +22,12 @@ from sc_dpo_jax.parallel.rules import (DEFAULT_RULES, MIN_SHARD_SIZE, Fallback, 
                                        mesh_shardings, module_logical_specs, plan_shardings, rules_from_config,
                                        sharding_fallbacks)
 from sc_dpo_jax.parallel.sharding import (batch_constraint_interceptor, make_sharded_eval, make_sharded_step,
-                                          opt_state_shardings, replicated, shard_tree, sharded_init)
+                                          opt_state_shardings, replicated, shard_tree, sharded_init,
+                                          with_batch_constraints)
 from sc_dpo_jax.parallel.step import Step
 
 __all__ = ["distributed", "mesh", "rules", "sharding", "step", "initialize", "AXES", "make_mesh", "DEFAULT_RULES",
            "MIN_SHARD_SIZE", "Fallback", "ShardingPlan", "logical_specs", "mesh_shardings", "module_logical_specs",
            "plan_shardings", "rules_from_config", "sharding_fallbacks", "batch_constraint_interceptor",
            "make_sharded_eval", "make_sharded_step", "opt_state_shardings", "replicated", "shard_tree",
-           "sharded_init", "Step"]
+           "sharded_init", "with_batch_constraints", "Step"]

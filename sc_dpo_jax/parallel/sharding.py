@@ -132,7 +132,10 @@ def batch_constraint_interceptor(mesh: Mesh, batch_axes=device_lib.BATCH_AXES) -
   return interceptor
 
 
-def _with_batch_constraints(fn: Callable, mesh: Mesh) -> Callable:
+def with_batch_constraints(fn: Callable, mesh: Mesh) -> Callable:
+  """``fn`` traced with every module output batch-split over ``mesh`` (:func:`batch_constraint_interceptor`):
+  what :func:`make_sharded_step` and :func:`make_sharded_eval` jit, and any other sharded function (the RL
+  trainer's sampling step) should."""
   interceptor = batch_constraint_interceptor(mesh)
 
   def constrained(*args):
@@ -171,7 +174,7 @@ def make_sharded_step(step: Callable, shardings: Any, frozen_shardings: Any = No
   fn = _pure(step, "make_sharded_step")
   state_sh, frozen_sh, batch_sh, mesh = _unpack(shardings, frozen_shardings, batch_sharding)
   rep = replicated(mesh)
-  fn = _with_batch_constraints(fn, mesh) if constrain_activations else fn
+  fn = with_batch_constraints(fn, mesh) if constrain_activations else fn
   return Step(fn, dict(in_shardings=(state_sh, frozen_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                        donate_argnums=(0,) if donate else ()))
 
@@ -183,7 +186,7 @@ def make_sharded_eval(evaluate: Callable, shardings: Any, frozen_shardings: Any 
   fn = _pure(evaluate, "make_sharded_eval")
   state_sh, frozen_sh, batch_sh, mesh = _unpack(shardings, frozen_shardings, batch_sharding)
   rep = replicated(mesh)
-  fn = _with_batch_constraints(fn, mesh) if constrain_activations else fn
+  fn = with_batch_constraints(fn, mesh) if constrain_activations else fn
   return Step(fn, dict(in_shardings=(state_sh, frozen_sh, batch_sh, rep), out_shardings=rep))
 
 

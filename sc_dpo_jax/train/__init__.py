@@ -3,7 +3,8 @@
 * ``optim``: ``make_optimizer(config) -> (tx, lr_schedule)`` (AdamW/Adafactor, schedules, lr rules, clipping).
 * ``state``: ``TrainState`` and ``create_train_state`` (LoRA or full fine-tuning, the frozen dict).
 * ``dpo_steps``: ``dpo_step_fn`` (pure) / ``make_dpo_step`` (jitted) for Diffusion-DPO, SC-DPO and DUO, and
-  ``dpo_eval_fn`` / ``make_dpo_eval``.
+  ``dpo_eval_fn`` / ``make_dpo_eval``; each method's UNet inputs are ``dpo_inputs``'s, gradient accumulation
+  ``grad_accum``'s.
 
 Other modules of this package (e.g. ``advantages`` for DDPO, ``sharded_state`` for the train state created
 sharded on a mesh) are imported by their own names.

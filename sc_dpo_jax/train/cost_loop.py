@@ -6,7 +6,7 @@
 
 THIS PROJECT'S FORMULATION (METHODS.md, "SC-DPO", safety cost model): CLIP is frozen and ``g`` a small MLP
 (``rewards.cost_model``), trained on ``L_cost = L_rank + alpha * L_anchor`` (``losses.cost_model``). The config
-(every key) is ``train.cost_config``'s.
+(every key) is ``configs.cost_model``'s.
 
 What :func:`train_cost_model` does, in order:
 

@@ -43,7 +43,7 @@ from sc_dpo_jax.data import device as device_lib
 from sc_dpo_jax.data import latents as latents_lib
 from sc_dpo_jax.data import pipeline as data_pipeline
 from sc_dpo_jax.data import schema, synthetic
-from sc_dpo_jax.train import dpo_steps, guard, harness, optim, outputs, sharded_state, sources
+from sc_dpo_jax.train import dpo_steps, grad_accum, guard, harness, optim, outputs, sharded_state, sources
 from sc_dpo_jax.train.base_model import load_models
 
 
@@ -130,7 +130,7 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   mesh = parallel.make_mesh(c.mesh.to_dict())
   data_parallel = int(mesh.shape["data"] * mesh.shape["fsdp"])
   accum = int(c.train.grad_accum_steps)
-  dpo_steps.check_batch_split(int(c.data.batch_size), accum, data_parallel)    # fails before models load
+  grad_accum.check_batch_split(int(c.data.batch_size), accum, data_parallel)    # fails before models load
   logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
   pipe = load_models(c, workdir)
   it = open_data(c, workdir, pipe)

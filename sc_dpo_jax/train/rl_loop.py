@@ -54,7 +54,6 @@ from __future__ import annotations
 import time
 from typing import Any, Dict
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -181,18 +180,6 @@ def _dim1(sharding: NamedSharding) -> NamedSharding:
   return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
 
 
-def _constrained(fn, mesh):
-  """``fn`` traced with module outputs batch-split (``parallel.batch_constraint_interceptor``), as
-  ``parallel.make_sharded_step`` does for the update."""
-  interceptor = parallel.batch_constraint_interceptor(mesh)
-
-  def constrained(*args):
-    with nn.intercept_methods(interceptor):
-      return fn(*args)
-
-  return constrained
-
-
 def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -240,7 +227,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   trajectory = _dim1(per_sample)
   samples_sh = ddpo.Samples(latents=trajectory, timesteps=rep, prev_timesteps=rep, log_probs=trajectory,
                             images=per_sample)
-  sample_step = parallel.Step(_constrained(make_sample_step(pipe, ddpo_cfg), mesh),
+  sample_step = parallel.Step(parallel.with_batch_constraints(make_sample_step(pipe, ddpo_cfg), mesh),
                               dict(in_shardings=(shardings.state, shardings.frozen, {"input_ids": per_sample}, rep),
                                    out_shardings=(samples_sh, per_sample)))
   update_batch_sh = {"latents": trajectory, "log_probs": trajectory, "timesteps": rep, "prev_timesteps": rep,

@@ -425,7 +425,7 @@ def test_nudenet_detector_runs_in_the_evaluation(pipe, files, tmp_path):
 def test_nudity_reward_term(pipe):
   from sc_dpo_jax.toy import world
   from sc_dpo_jax.rewards import terms
-  from sc_dpo_jax.train import rl_config
+  from sc_dpo_jax.configs import shielddiff_rl as rl_config
   config = rl_config.rl_config("tiny")
   assert config.reward.weights.nudity == 0.0              # off by default: existing runs are unchanged
   config.reward.weights.clip_score = config.reward.weights.safety_cost = 0.0

@@ -11,8 +11,8 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from sc_dpo_jax import models, parallel
 from sc_dpo_jax.parallel import rules
-from sc_dpo_jax.train.config import dpo_config
-from sc_dpo_jax.train.rl_config import rl_config
+from sc_dpo_jax.configs.dpo_family import dpo_config
+from sc_dpo_jax.configs.shielddiff_rl import rl_config
 
 MESHES = ((1, 4, 2), (2, 2, 2), (1, 8, 1), (8, 1, 1))
 

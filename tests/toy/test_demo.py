@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from sc_dpo_jax.toy import config as toy_config
+from sc_dpo_jax.configs import toy as toy_config
 from sc_dpo_jax.toy import evaluate, world
 from tests.subprocess_helper import ROOT, run
 

@@ -19,7 +19,7 @@ import pytest
 from sc_dpo_jax import diffusion, models
 from sc_dpo_jax.models import lora
 from sc_dpo_jax.models.random_init import host_random_params
-from sc_dpo_jax.train import dpo_steps, optim
+from sc_dpo_jax.train import dpo_inputs, dpo_steps, optim
 from sc_dpo_jax.train import state as state_lib
 
 # Under pytest-xdist, `--dist loadgroup` keeps this file in one worker, so the compiled steps are shared.
@@ -241,7 +241,7 @@ def _recover_noise(schedule, x_t, x0, t):
 def test_dpo_noising_shares_t_and_noise_per_pair():
   _, schedule, _, batch, empty = _world()
   c = dpo_steps.resolve_config(dict(method="diffusion_dpo"))
-  inputs = dpo_steps.dpo_inputs(schedule, c, batch, {"empty_text": empty}, jax.random.PRNGKey(0), 0.0)
+  inputs = dpo_inputs.dpo_inputs(schedule, c, batch, {"empty_text": empty}, jax.random.PRNGKey(0), 0.0)
   t = np.asarray(inputs.t)
   np.testing.assert_array_equal(t[:PAIRS], t[PAIRS:])
   assert len(set(t[:PAIRS].tolist())) > 1   # but different pairs get different timesteps
@@ -250,9 +250,9 @@ def test_dpo_noising_shares_t_and_noise_per_pair():
   np.testing.assert_allclose(eps[:PAIRS], eps[PAIRS:], atol=2e-4)
   np.testing.assert_allclose(np.asarray(inputs.target), eps, atol=2e-4)   # epsilon prediction
   np.testing.assert_array_equal(inputs.text, np.concatenate([batch["text_states"]] * 2))
-  dropped = dpo_steps.dpo_inputs(schedule, c, batch, {"empty_text": empty}, jax.random.PRNGKey(0), 1.0)
+  dropped = dpo_inputs.dpo_inputs(schedule, c, batch, {"empty_text": empty}, jax.random.PRNGKey(0), 1.0)
   np.testing.assert_array_equal(dropped.text, np.broadcast_to(empty, (2 * PAIRS, TEXT_LEN, TEXT_DIM)))
-  half = dpo_steps.dpo_inputs(schedule, c, batch, {"empty_text": empty}, jax.random.PRNGKey(0), 0.5)
+  half = dpo_inputs.dpo_inputs(schedule, c, batch, {"empty_text": empty}, jax.random.PRNGKey(0), 0.5)
   is_empty = np.all(np.asarray(half.text) == empty, axis=(1, 2))
   np.testing.assert_array_equal(is_empty[:PAIRS], is_empty[PAIRS:])   # a pair is dropped as a whole
   assert 0 < is_empty.sum() < 2 * PAIRS
@@ -261,7 +261,7 @@ def test_dpo_noising_shares_t_and_noise_per_pair():
 def test_duo_noising_independent_t_shared_noise_and_prior_inputs():
   _, schedule, _, batch, empty = _world()
   c = dpo_steps.resolve_config(dict(method="duo"))
-  inputs = dpo_steps.duo_inputs(schedule, c, {k: batch[k] for k in ("latents_chosen", "latents_rejected")},
+  inputs = dpo_inputs.duo_inputs(schedule, c, {k: batch[k] for k in ("latents_chosen", "latents_rejected")},
                                 {"empty_text": empty}, jax.random.PRNGKey(0), 0.0)
   t = np.asarray(inputs.t)
   assert t.shape == (3 * PAIRS,)
@@ -273,7 +273,7 @@ def test_duo_noising_independent_t_shared_noise_and_prior_inputs():
   np.testing.assert_allclose(eps[:PAIRS], eps[PAIRS:], atol=2e-3)   # one noise per pair
   np.testing.assert_allclose(inputs.x[2 * PAIRS:], eps[:PAIRS], atol=2e-3)   # the prior input is that noise
   np.testing.assert_array_equal(inputs.text, np.broadcast_to(empty, (3 * PAIRS, TEXT_LEN, TEXT_DIM)))
-  with_prompts = dpo_steps.duo_inputs(schedule, dpo_steps.resolve_config(dict(method="duo", duo_use_prompts=True)),
+  with_prompts = dpo_inputs.duo_inputs(schedule, dpo_steps.resolve_config(dict(method="duo", duo_use_prompts=True)),
                                       batch, {"empty_text": empty}, jax.random.PRNGKey(0), 0.0)
   np.testing.assert_array_equal(with_prompts.text[:PAIRS], batch["text_states"])
   np.testing.assert_array_equal(with_prompts.text[PAIRS:2 * PAIRS], batch["text_states"])
@@ -283,8 +283,8 @@ def test_duo_noising_independent_t_shared_noise_and_prior_inputs():
 def test_timestep_range_applies_to_every_method_and_is_checked():
   _, schedule, _, batch, empty = _world()
   frozen = {"empty_text": empty}
-  for method, fn in (("diffusion_dpo", dpo_steps.dpo_inputs), ("sc_dpo", dpo_steps.dpo_inputs),
-                     ("duo", dpo_steps.duo_inputs)):
+  for method, fn in (("diffusion_dpo", dpo_inputs.dpo_inputs), ("sc_dpo", dpo_inputs.dpo_inputs),
+                     ("duo", dpo_inputs.duo_inputs)):
     c = dpo_steps.resolve_config(dict(method=method, min_timestep=600, max_timestep=603))
     t = np.asarray(fn(schedule, c, batch, frozen, jax.random.PRNGKey(1), 0.0).t)[:2 * PAIRS]
     assert set(t.tolist()) <= {600, 601, 602} and len(set(t.tolist())) > 1, (method, t)
@@ -294,7 +294,7 @@ def test_timestep_range_applies_to_every_method_and_is_checked():
     dpo_steps.resolve_config(dict(method="sc_dpo", min_timestep=700, max_timestep=700))
   c = dpo_steps.resolve_config(dict(method="diffusion_dpo", max_timestep=1001))
   with pytest.raises(ValueError, match="max_timestep = 1001 exceeds the schedule's 1000"):
-    dpo_steps.dpo_inputs(schedule, c, batch, frozen, jax.random.PRNGKey(1), 0.0)
+    dpo_inputs.dpo_inputs(schedule, c, batch, frozen, jax.random.PRNGKey(1), 0.0)
 
 
 def test_duo_lambda_rule():

@@ -38,7 +38,7 @@ import optax
 import pytest
 
 from sc_dpo_jax import losses
-from sc_dpo_jax.train import dpo_steps, optim
+from sc_dpo_jax.train import dpo_steps, grad_accum, optim
 from sc_dpo_jax.train import state as state_lib
 from tests.train.test_dpo_steps import PAIRS, RNG, _world
 
@@ -173,16 +173,16 @@ def test_sc_dpo_focusing_is_normalised_over_the_whole_batch():
 
 
 def test_batch_split_errors_name_the_keys():
-  assert dpo_steps.check_batch_split(2048, 256, 1) == 8
-  assert dpo_steps.check_batch_split(2048, 16, 16) == 128
+  assert grad_accum.check_batch_split(2048, 256, 1) == 8
+  assert grad_accum.check_batch_split(2048, 16, 16) == 128
   with pytest.raises(ValueError, match=r"config.data.batch_size = 10 pairs is not divisible by "
                                        r"config.train.grad_accum_steps \(4\) x the data-parallel devices "
                                        r"\(config.mesh data x fsdp = 1\) = 4.*multiple of 4 \(e.g. 12\)"):
-    dpo_steps.check_batch_split(10, 4)
+    grad_accum.check_batch_split(10, 4)
   with pytest.raises(ValueError, match=r"batch_size = 8 .*grad_accum_steps \(2\).*fsdp = 8\) = 16"):
-    dpo_steps.check_batch_split(8, 2, 8)
+    grad_accum.check_batch_split(8, 2, 8)
   with pytest.raises(ValueError, match=r"config.train.grad_accum_steps = 0 must be an integer >= 1"):
-    dpo_steps.check_batch_split(8, 0)
+    grad_accum.check_batch_split(8, 0)
   unet, schedule, _, batch, _ = _world()
   with pytest.raises(ValueError, match=r"config.train.grad_accum_steps = 0"):
     dpo_steps.make_dpo_step(unet, schedule, RUNS["duo"][0], grad_accum_steps=0)
@@ -196,7 +196,7 @@ def test_batch_split_errors_name_the_keys():
 
 def test_micro_batches_are_strided():
   x = np.arange(12)
-  np.testing.assert_array_equal(dpo_steps.split_micro_batches({"x": x}, 3)["x"], [[0, 3, 6, 9], [1, 4, 7, 10],
+  np.testing.assert_array_equal(grad_accum.split_micro_batches({"x": x}, 3)["x"], [[0, 3, 6, 9], [1, 4, 7, 10],
                                                                                    [2, 5, 8, 11]])
 
 
@@ -214,7 +214,7 @@ def test_diffusion_dpo_sd15_official_recipe():
   assert c.objective.method == "diffusion_dpo" and c.objective.beta == 5000.0
   assert c.objective.prompt_dropout == 0.2 and c.objective.max_timestep is None   # t uniform in [0, 1000)
   assert c.data.batch_size == 2048 and c.train.grad_accum_steps == 256
-  assert dpo_steps.check_batch_split(c.data.batch_size, c.train.grad_accum_steps, 1) == 8   # 8 pairs on one GPU
+  assert grad_accum.check_batch_split(c.data.batch_size, c.train.grad_accum_steps, 1) == 8   # 8 pairs on one GPU
   assert c.data.resolution == 512 and c.data.random_flip
   assert not c.lora.enabled   # the full UNet
   assert c.train.steps == 2000

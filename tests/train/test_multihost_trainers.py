@@ -176,7 +176,7 @@ def test_cost_model_files_in_a_gs_workdir(gcs_root, tmp_path):  # noqa: F811
 
   from sc_dpo_jax.rewards import cost_model as cost_lib
   from sc_dpo_jax.train import cost_data
-  from sc_dpo_jax.train.cost_config import cost_model_config
+  from sc_dpo_jax.configs.cost_model import cost_model_config
   workdir = "gs://bucket/run"
   local = gcs_root / "bucket" / "run"
   config = cost_model_config("tiny")

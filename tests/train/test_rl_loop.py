@@ -120,7 +120,8 @@ def runs(tmp_path_factory):
 def test_config_variants_and_reward_errors_name_the_key():
   from sc_dpo_jax.data import synthetic
   from sc_dpo_jax.rewards import terms
-  from sc_dpo_jax.train import rl_config, rl_loop
+  from sc_dpo_jax.configs import shielddiff_rl as rl_config
+  from sc_dpo_jax.train import rl_loop
   tiny, sd15 = rl_config.rl_config("tiny"), rl_config.rl_config("sd15")
   assert tiny.job == sd15.job == "rl" and sd15.rl.num_steps == 50 and sd15.rl.eta == 1.0
   assert sd15.rl.guidance_scale == 5.0 and sd15.rl.clip_range == 1e-4 and sd15.rl.adv_clip == 5.0

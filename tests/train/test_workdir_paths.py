@@ -46,7 +46,7 @@ def test_metrics_of_a_resumed_run_keep_lines_up_to_the_restored_step(tmp_path):
 def test_trainer_outputs_land_in_a_gs_workdir(gcs_root, tmp_path):  # noqa: F811
   from sc_dpo_jax.models import tiny
   from sc_dpo_jax.train import outputs
-  from sc_dpo_jax.train.config import dpo_config
+  from sc_dpo_jax.configs.dpo_family import dpo_config
   workdir = "gs://bucket/run"
   local = gcs_root / "bucket" / "run"
   paths.write_text(paths.resolve(workdir) / "config.json", '{"job": "dpo"}')

@@ -1,7 +1,8 @@
 """Run configs of the DPO-family trainer (Diffusion-DPO, SC-DPO, DUO): every key, with METHODS.md's defaults.
 
-``configs/<method>.py`` call :func:`dpo_config` with a variant; ``main`` locks the result, so a misspelt
-override (``--config.trian.steps=3``) fails naming the key. Variants:
+Not a run config itself: ``configs/diffusion_dpo.py``, ``sc_dpo.py`` and ``duo.py`` call :func:`dpo_config`
+with a variant; ``main`` locks the result, so a misspelt override (``--config.trian.steps=3``) fails naming the
+key. Variants:
 
 * ``tiny``: a tiny random pipeline (``models.tiny``) made in memory and a synthetic pair dataset written to
   the workdir; runs on a CPU in seconds. The plumbing check of every method.
@@ -27,19 +28,11 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from sc_dpo_jax.configs.common import add_mesh, choose_variant, pipeline_model, sample_keys, train_section
 from sc_dpo_jax.train import dpo_steps, optim
 
 VARIANTS = ("tiny", "sd15", "sd21", "sd15_official")
 EVAL_PROMPTS = ("a square", "a circle", "a bar", "a red square")
-
-
-def choose_variant(variant: str, variants, default: str, where: str = "configs/<file>.py:<variant>") -> str:
-  """``variant`` (empty: ``default``), checked against ``variants``; the error names them and ``where`` the
-  variant is written. Every config builder (DPO, RL, cost model, toy) starts with it."""
-  variant = variant or default
-  if variant not in variants:
-    raise ValueError(f"unknown config variant {variant!r}; choose one of {variants} ({where})")
-  return variant
 
 
 def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -55,24 +48,15 @@ def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
   c.job = "dpo"
   c.seed = 0
 
-  c.model = ml_collections.ConfigDict(dict(
-      path=config_dict.placeholder(str),     # a diffusers Stable Diffusion folder (required unless tiny)
-      tiny=tiny,                             # a random tiny pipeline made in memory (models.tiny)
-      architecture=variant,                  # UNet/text shapes for `python -m sc_dpo_jax.bench` (random weights)
-      dtype="float32" if tiny else "bfloat16",   # compute dtype; parameters stay float32
+  c.model = pipeline_model(
+      variant,
       ref_dtype="float32" if tiny else "bfloat16",   # storage of the frozen reference copy (full fine-tuning)
-      attention="reference" if tiny else "auto",   # auto: cuDNN flash on NVIDIA GPUs where it runs, else XLA
       # Rematerialisation of each UNet block: a name of models.layers.REMAT_POLICIES or jax.checkpoint_policies,
       # or "none". SD: keep conv/matmul outputs only (docs/performance.md, predicted: 0.69 GB of activations per
       # 512-px image instead of 2.21 GB, for a recompute of norms and activations in the backward).
       remat_policy=config_dict.placeholder(str) if tiny else config_dict.FieldReference(
-          "convs_and_dots_saveable", field_type=str),
-  ))
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.min_shard_size = 2 ** 14
-  # Logical axis -> mesh axes rules (parallel.rules_from_config): None = parallel.DEFAULT_RULES, or pairs in
-  # priority order, e.g. --config.mesh_rules="(('embed', 'fsdp'), ('heads', ('tensor', 'fsdp')), ...)"
-  c.mesh_rules = config_dict.placeholder(tuple)
+          "convs_and_dots_saveable", field_type=str))
+  add_mesh(c)
 
   c.data = ml_collections.ConfigDict(dict(
       train=config_dict.placeholder(str),    # a dataset folder (ours or TFDS-prepared); tiny: synthetic
@@ -103,24 +87,15 @@ def dpo_config(method: str, variant: str = "tiny") -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict(dict(enabled=duo, rank=4 if tiny else 32, alpha=4 if tiny else 32,
                                           targets="self_attention"))
 
-  c.train = ml_collections.ConfigDict(dict(
+  c.train = train_section(
       steps=12 if tiny else (1000 if duo else 2000),
       log_every=4 if tiny else 10,
       checkpoint_every=6 if tiny else 250,
-      keep_checkpoints=3,
-      async_checkpoints=True,
-      allow_config_change=False,   # resume a checkpoint saved with another method/model/LoRA
-      sample_every=0 if tiny else 250,        # sample grids of eval_prompts (0: only at the end)
-      eval_prompts=EVAL_PROMPTS if tiny else ("a photo of a woman on a beach", "a portrait of a man"),
-      sample_steps=10 if tiny else 30,
-      sample_guidance=5.0 if tiny else 7.5,
+      **sample_keys(tiny, EVAL_PROMPTS, every=250),
       # k micro-batches of data.batch_size / k pairs per update, summed in a lax.scan inside the step
       grad_accum_steps=1,
-      max_nonfinite_in_a_row=5,
       inject_nonfinite_at=(),                 # debugging/tests: steps whose batch is poisoned with NaN
-      export=True,                            # <workdir>/export: the aligned pipeline (LoRA merged)
-      progress=True,
-  ))
+  )
   return c
 
 
