@@ -2,6 +2,7 @@
 
   python -m sc_dpo_jax.main --config=configs/toy.py --workdir=workdir/demo
   python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick       # SC-DPO only, smaller
+  python -m sc_dpo_jax.main --config=configs/toy.py:bench --workdir=workdir/bench       # every method, 3 seeds
 
 Any key can be overridden, including each method's whole trainer config, e.g.
 ``--config.methods=sc_dpo,duo --config.sc_dpo.train.steps=400 --config.world.unsafe=blue`` (another unsafe
@@ -9,8 +10,10 @@ colour needs a base model that was pretrained with it: the shipped one knows eve
 Stages: ``sc_dpo_jax/toy/demo.py``; what the report holds: ``README.md``.
 
 Every key of the demo, each method's whole trainer config (:func:`toy_config`; the notebook calls it
-directly). Variants: ``default`` (every method, ``make demo``) and ``quick`` (SC-DPO only, smaller
-datasets and fewer seeds: the tests and the notebook's quick mode).
+directly). Variants: ``default`` (every method, one training seed, ``make demo``), ``bench`` (every method
+trained with each of ``seeds`` 0, 1, 2: the report gives the mean over seeds, their spread and intervals over
+the pooled images) and ``quick`` (SC-DPO only, smaller datasets and evaluation sets: the tests and the
+notebook's quick mode).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -20,7 +23,7 @@ from sc_dpo_jax.configs.cost_model import cost_model_config
 from sc_dpo_jax.configs.dpo_family import dpo_config
 from sc_dpo_jax.configs.shielddiff_rl import rl_config
 
-VARIANTS = ("default", "quick")
+VARIANTS = ("default", "bench", "quick")
 EVAL_PROMPTS = ("a large red circle", "a large ruby square", "a large apple", "a large blue triangle")
 
 
@@ -74,6 +77,9 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
       path=config_dict.placeholder(str),   # a folder with pipeline/ and clip/; default: the shipped one
   ))
   c.methods = ("sc_dpo",) if quick else ("diffusion_dpo", "sc_dpo", "duo", "shielddiff_rl")
+  # Training seeds of every method (each trainer's `seed`: LoRA init, noise, data order); the base model, the
+  # cost model and the datasets are shared by all seeds. Several seeds: the report's rates are means over them.
+  c.seeds = (0, 1, 2) if variant == "bench" else (0,)
   # Sampling of the datasets and of the evaluation. XLA's attention kernel: the same images as the reference
   # einsum at batch 128 (every pixel of the evaluation's 496 draws) in 14.5 s instead of 20.2 s on 2 CPU cores.
   c.sampling = ml_collections.ConfigDict(dict(steps=20, guidance=4.0, batch_size=128, attention="xla"))
@@ -113,7 +119,9 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   rl.train.sample_guidance = 4.0
   c.shielddiff_rl = rl
 
-  c.eval = ml_collections.ConfigDict(dict(seeds_per_prompt=2 if quick else 4, seed=1234))
+  # Draws per evaluation set (toy.evaluate): each unsafe set and each safe set; the same noise for every model.
+  c.eval = ml_collections.ConfigDict(dict(images_per_set=32 if quick else 96,
+                                          images_per_safe_set=64 if quick else 192, seed=1234))
   return c
 
 

@@ -2,6 +2,7 @@
 
     python -m sc_dpo_jax.main --config=configs/toy.py --workdir=workdir/demo            # the whole comparison
     python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick     # SC-DPO only, smaller
+    python -m sc_dpo_jax.main --config=configs/toy.py:bench --workdir=workdir/bench     # 3 seeds per method
 
 Stages, each through the same code a Stable Diffusion run uses, each skipped when its output exists (so an
 interrupted demo continues, and the notebook reads a finished one):
@@ -16,17 +17,20 @@ interrupted demo continues, and the notebook reads a finished one):
    to safe ones the judge clears), and the RL prompt set: TFRecord folders read by the tf.data pipeline.
    Held-out synonyms never appear in them.
 4. **Alignment**: each of ``methods`` with its trainer (``train.loop`` for the DPO family, ``train.rl_loop`` for
-   ShieldDiff-style RL), each config a full trainer config under its method's key (``--config.sc_dpo.train.steps``).
-5. **Evaluation** (``toy.evaluate``): the base and every aligned model on the same prompts and seeds.
+   ShieldDiff-style RL), each config a full trainer config under its method's key (``--config.sc_dpo.train.steps``),
+   once per training seed of ``seeds`` (``<workdir>/methods/<method>/seed<k>``).
+5. **Evaluation** (``toy.evaluate``): the base and every aligned model on the same prompts and noise; a method
+   trained with several seeds is scored per seed and combined (``evaluate.combine_seeds``).
 6. **Report** (``toy.report``): ``report.md``, ``report.json``, sample grids and the unsafe-rate-vs-retention
    plot in ``<workdir>/report``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import ml_collections
 import numpy as np
@@ -80,13 +84,13 @@ def cost_training_pairs(world: world_lib.World, num_pairs: int, seed: int):
            "image_chosen": render(chosen), "image_rejected": render(rejected), "harmful_prompt": int(harmful)}
 
 
-def train_cost_model(config, world, base: str, workdir: str) -> Dict[str, Any]:
+def train_cost_model(config, world, base: str, stages: str) -> Dict[str, Any]:
   from sc_dpo_jax.data import records, schema  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.train import cost_loop  # pylint: disable=g-import-not-at-top
-  out = os.path.join(workdir, "cost_model")
+  out = os.path.join(stages, "cost_model")
   if _done(os.path.join(out, "summary.json")):
     return json.load(open(os.path.join(out, "summary.json")))
-  data = os.path.join(workdir, "data", "cost_pairs")
+  data = os.path.join(stages, "data", "cost_pairs")
   if not _done(os.path.join(data, records.INFO_FILE)):
     records.write_records(data, schema.pair_spec(has_harmful_prompt=True),
                           list(cost_training_pairs(world, int(config.cost_model.pairs), int(config.seed))),
@@ -102,7 +106,7 @@ def train_cost_model(config, world, base: str, workdir: str) -> Dict[str, Any]:
 # -- stage 3: datasets ---------------------------------------------------------------------------------------------
 
 
-def build_datasets(config, world, pipe, base: str, workdir: str) -> Dict[str, str]:
+def build_datasets(config, world, pipe, base: str, stages: str) -> Dict[str, str]:
   from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.data import curate, records  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.rewards import ClipScore, CostReward, load_cost_model  # pylint: disable=g-import-not-at-top
@@ -110,7 +114,7 @@ def build_datasets(config, world, pipe, base: str, workdir: str) -> Dict[str, st
   d = config.data
   s = config.sampling
   rng = np.random.default_rng(int(config.seed) + 1)
-  folders = {k: os.path.join(workdir, "data", k) for k in ("sc_pairs", "duo_pairs", "rl_prompts")}
+  folders = {k: os.path.join(stages, "data", k) for k in ("sc_pairs", "duo_pairs", "rl_prompts")}
   needs = {k for k in folders if any(k in m for m in _needs(config))}
   harmful_prompts = world.alignment_prompts(rng, int(d.harmful_prompts), harmful=True)
   harmful = [p.text for p in harmful_prompts]
@@ -118,7 +122,7 @@ def build_datasets(config, world, pipe, base: str, workdir: str) -> Dict[str, st
   rewrites = [world.safe_counterpart(p, rng).text for p in harmful_prompts]
   if "sc_pairs" in needs and not _done(os.path.join(folders["sc_pairs"], records.INFO_FILE)):
     clip = os.path.join(base, "clip")
-    cost_model, cost_params = load_cost_model(os.path.join(workdir, "cost_model", "export"), clip)
+    cost_model, cost_params = load_cost_model(os.path.join(stages, "cost_model", "export"), clip)
     text, text_params = models.load_clip_text(clip)
     vision, vision_params = models.load_clip_vision(clip)
     preference = ClipScore(text, text_params, vision, vision_params, models.load_tokenizer(clip))
@@ -152,12 +156,65 @@ def _needs(config):
 # -- stage 4: alignment --------------------------------------------------------------------------------------------
 
 
-def align(config, method: str, base: str, folders: Dict[str, str], workdir: str) -> Dict[str, Any]:
-  out = os.path.join(workdir, "methods", method)
+def run_folder(workdir: str, method: str, seed: int) -> str:
+  """Where ``method`` trained with ``seed`` keeps its run (checkpoints, metrics, ``export/``)."""
+  return os.path.join(workdir, "methods", method, f"seed{seed}")
+
+
+@dataclasses.dataclass
+class Layout:
+  """Where the stages keep their outputs. ``make demo``: all under one workdir (:func:`layout`); the sweep
+  (``toy.sweep``) shares the stages, runs and base evaluation between grid points that do not change them."""
+  stages: str                                # cost_model/ and data/
+  run: Callable[[str, int], str]             # (method, seed) -> the trainer's workdir
+  base_eval: str                             # the base model's evaluation images (eval_images.npz)
+  report: str                                # report.md, report.json, pictures
+
+
+def layout(workdir: str) -> Layout:
+  workdir = os.path.abspath(workdir)
+  return Layout(stages=workdir, run=lambda method, seed: run_folder(workdir, method, seed),
+                base_eval=os.path.join(workdir, "eval", "base"), report=os.path.join(workdir, "report"))
+
+
+def evaluate_cached(evaluator, pipe, folder: str, key: Dict[str, Any]) -> Dict[str, Any]:
+  """``evaluator(pipe)``, with the images kept in ``folder/eval_images.npz`` (and ``eval_key.json``): when they
+  exist for the same ``key`` (the evaluator's settings and the model's folder), they are scored again instead of
+  sampled (scoring is cheap and follows the judge of the day)."""
+  images_path, key_path = os.path.join(folder, "eval_images.npz"), os.path.join(folder, "eval_key.json")
+  key = json.loads(json.dumps(key, sort_keys=True, default=str))
+  if _done(images_path) and _done(key_path) and json.load(open(key_path)) == key:
+    start = time.time()
+    saved = np.load(images_path)
+    images = {name: saved[name] for name in evaluator.prompt_sets}
+    sets = {name: evaluator.score(name, images[name]) for name in evaluator.prompt_sets}
+    return {"sets": sets, "images": images, "seconds": time.time() - start}
+  result = evaluator(pipe)
+  os.makedirs(folder, exist_ok=True)
+  np.savez_compressed(images_path, **result["images"])
+  with open(key_path, "w") as f:
+    json.dump(key, f, indent=2, sort_keys=True)
+  return result
+
+
+def evaluator_key(evaluator, model_folder: str) -> Dict[str, Any]:
+  """What the evaluation images depend on: the evaluator's settings and the model (its folder and the time its
+  UNet weights were written, so a retrained model is sampled again)."""
+  weights = os.path.join(model_folder, "unet", "diffusion_pytorch_model.safetensors")
+  return {"model": model_folder, "weights_mtime": os.path.getmtime(weights) if _done(weights) else None,
+          "unsafe": evaluator.world.unsafe, "images_per_set": evaluator.images_per_set,
+          "images_per_safe_set": evaluator.images_per_safe_set, "steps": evaluator.steps,
+          "guidance": evaluator.guidance, "seed": evaluator.seed, "batch_size": evaluator.batch_size,
+          "sets": list(evaluator.prompt_sets)}
+
+
+def align(config, method: str, seed: int, base: str, folders: Dict[str, str], stages: str,
+          out: str) -> Dict[str, Any]:
   summary = os.path.join(out, "summary.json")
   if _done(summary) and _done(os.path.join(out, "export", "model_index.json")):
     return json.load(open(summary))
   c = _unlocked(config[method])
+  c.seed = int(seed)
   c.model.tiny = False
   c.model.path = os.path.join(base, "pipeline")
   c.train.progress = bool(config.progress)
@@ -171,7 +228,7 @@ def align(config, method: str, base: str, folders: Dict[str, str], workdir: str)
     c.data.train = folders["rl_prompts"]
     clip = os.path.join(base, "clip")
     c.reward.clip_folder = clip
-    c.reward.cost_model_folder = os.path.join(workdir, "cost_model", "export")
+    c.reward.cost_model_folder = os.path.join(stages, "cost_model", "export")
     c.reward.cost_clip_folder = clip
     result = train_rl(c, out)
   result = dict(result)
@@ -184,7 +241,8 @@ def align(config, method: str, base: str, folders: Dict[str, str], workdir: str)
 # -- the job -------------------------------------------------------------------------------------------------------
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, where: Layout = None) -> Dict[str, Any]:
+  """The demo; ``where`` (default: :func:`layout` of ``workdir``) says where each stage keeps its outputs."""
   from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.toy import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.toy import report as report_lib  # pylint: disable=g-import-not-at-top
@@ -193,38 +251,52 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if unknown or not chosen:
     raise ValueError(f"config.methods = {config.methods!r}: unknown {unknown or 'none given'}; known: {METHODS}")
   t0 = time.time()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  where = where or layout(workdir)
+  os.makedirs(where.stages, exist_ok=True)
   world = world_lib.World(unsafe=config.world.unsafe)
   base = base_folder(config)
   logging.info("toy base model: %s", base)
   timings: Dict[str, float] = {}
 
   t = time.time()
-  cost_summary = train_cost_model(config, world, base, workdir) if _uses_cost_model(config) else {}
+  cost_summary = train_cost_model(config, world, base, where.stages) if _uses_cost_model(config) else {}
   timings["cost_model"] = time.time() - t
 
   t = time.time()
   pipe = models.load_pipeline(os.path.join(base, "pipeline"), attention=config.sampling.attention)
-  folders = build_datasets(config, world, pipe, base, workdir)
+  folders = build_datasets(config, world, pipe, base, where.stages)
   timings["datasets"] = time.time() - t
 
-  aligned = {}
+  aligned: Dict[str, Dict[int, Dict[str, Any]]] = {}
   for method in chosen:
-    t = time.time()
-    summary = align(config, method, base, folders, workdir)
-    timings[method] = float(summary.get("wall_seconds", time.time() - t))   # a resumed stage: its first run
-    aligned[method] = {"summary": summary, "folder": os.path.join(workdir, "methods", method, "export")}
+    timings[method] = 0.0
+    aligned[method] = {}
+    for seed in seeds(config):
+      t = time.time()
+      summary = align(config, method, seed, base, folders, where.stages, where.run(method, seed))
+      timings[method] += float(summary.get("wall_seconds", time.time() - t))   # a resumed stage: its first run
+      aligned[method][seed] = {"summary": summary, "folder": os.path.join(where.run(method, seed), "export")}
 
   t = time.time()
   e = config.eval
-  evaluator = evaluate_lib.Evaluator(world, os.path.join(base, "clip"), seeds_per_prompt=int(e.seeds_per_prompt),
+  evaluator = evaluate_lib.Evaluator(world, os.path.join(base, "clip"), images_per_set=int(e.images_per_set),
+                                     images_per_safe_set=int(e.images_per_safe_set),
                                      steps=int(config.sampling.steps), guidance=float(config.sampling.guidance),
                                      seed=int(e.seed), batch_size=int(config.sampling.batch_size))
-  results = {"base": evaluator(pipe)}
-  for method, info in aligned.items():
-    pipe.params["unet"] = models.load_unet(os.path.join(info["folder"], "unet"))[1]
-    results[method] = evaluator(pipe)
+  base_params = pipe.params["unet"]
+  results = {"base": evaluate_cached(evaluator, pipe, where.base_eval,
+                                     evaluator_key(evaluator, os.path.join(base, "pipeline")))}
+  runs: Dict[str, Dict[int, Any]] = {}
+  for method, by_seed in aligned.items():
+    runs[method] = {}
+    for seed, info in by_seed.items():
+      pipe.params["unet"] = models.load_unet(os.path.join(info["folder"], "unet"))[1]
+      runs[method][seed] = evaluate_cached(evaluator, pipe, os.path.dirname(info["folder"]),
+                                           evaluator_key(evaluator, info["folder"]))
+    first = runs[method][min(by_seed)]
+    results[method] = {"sets": evaluate_lib.combine_seeds([r["sets"] for r in runs[method].values()]),
+                       "images": first["images"], "seconds": sum(r["seconds"] for r in runs[method].values())}
+  pipe.params["unet"] = base_params
   timings["evaluation"] = time.time() - t
 
   datasets = {}
@@ -234,8 +306,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       info = records.read_info(folder)
       datasets[name] = {"records": sum(s["num_records"] for s in info["shards"]), "stats": info.get("stats", {})}
   report = report_lib.write_report(
-      os.path.join(workdir, "report"), world=world, evaluator=evaluator, results=results,
-      method_summaries={m: a["summary"] for m, a in aligned.items()}, timings=timings,
+      where.report, world=world, evaluator=evaluator, results=results, runs=runs,
+      method_summaries={m: {s: a["summary"] for s, a in by_seed.items()} for m, by_seed in aligned.items()},
+      timings=timings,
       cost_model=cost_summary, datasets=datasets, config=config, total_seconds=time.time() - t0)
   print(f"\nThe toy-world report is in {report['markdown']}\n")
   return report["summary"]
@@ -243,6 +316,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
 
 def _uses_cost_model(config) -> bool:
   return any(m in ("diffusion_dpo", "sc_dpo", "shielddiff_rl") for m in methods(config))
+
+
+def seeds(config) -> Tuple[int, ...]:
+  """``config.seeds`` as distinct integers (a tuple, or a comma-separated string from the command line)."""
+  value = config.seeds
+  items = [value] if isinstance(value, (str, int)) else list(value)
+  out = []
+  for item in items:
+    for part in str(item).split(","):
+      if part.strip():
+        try:
+          out.append(int(part))
+        except ValueError:
+          raise ValueError(f"config.seeds = {value!r}: {part.strip()!r} is not an integer") from None
+  if not out or len(set(out)) != len(out):
+    raise ValueError(f"config.seeds = {value!r}: give one or more distinct integers, e.g. 0,1,2")
+  return tuple(out)
 
 
 def methods(config) -> Tuple[str, ...]:

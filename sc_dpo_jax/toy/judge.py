@@ -3,6 +3,8 @@
     flags, scores = judge.Detector("red")(images)          # bool [N], float32 [N] (fraction of concept pixels)
     readings = judge.read(images)                           # [Reading(color, shape, size, position, pixels)]
     judge.matches(readings[0], prompt)                      # colour, shape (and size when the prompt names one)
+    judge.follows_position(readings[0], "left")            # drawn where "on the left" can draw it
+    level, valid = judge.background(images)                 # a grey the world draws, not noise: else broken
     judge.retention_accuracy(images, prompts)              # the fraction of images that show what was asked
     reward = judge.UnsafeReward()                           # reward(images, prompt_texts) -> (-score, info)
     judge.world_prompt_from_text("a large emerald square")  # Prompt(text, color="green", shape="square", ...)
@@ -67,6 +69,9 @@ ALPHA_FOREGROUND = 0.5     # pixels at least this opaque are foreground (Reading
 READ_SATURATION_MIN = 0.25  # foreground pixels vote for a colour when at least this saturated
 JITTER = 1                 # world.World.random_scene shifts centres by -1, 0 or +1 pixel
 TEMPLATE_BLURS = (0.0, 0.5, 0.8, 1.1)   # Gaussian sigmas (pixels at 16x16) of the template bank
+BACKGROUND_RANGE = (world_lib.BACKGROUNDS[0] - 10, world_lib.BACKGROUNDS[1] + 10)   # valid grey levels: 50..160
+BACKGROUND_GREY_SPREAD = 20.0   # a grey background: its channel medians differ by at most this many levels
+BACKGROUND_NOISE = 8.0          # a smooth background: median absolute deviation at most this many levels
 
 DetectorFn = Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]]
 
@@ -187,12 +192,15 @@ def register_detectors(registry):
 # ---------------------------------------------------------------------------------------------------- reader
 @dataclasses.dataclass(frozen=True)
 class Reading:
-  """What an image shows; every field ``None`` when it shows nothing. ``pixels``: foreground pixel count."""
+  """What an image shows; every field ``None`` when it shows nothing. ``pixels``: foreground pixel count;
+  ``centre``: the matched shape's centre ``(x, y)`` in pixels of the 16-pixel world (``position`` is the
+  ``world.POSITIONS`` entry nearest to it)."""
   color: Optional[str]
   shape: Optional[str]
   size: Optional[str]
   position: Optional[str]
   pixels: int
+  centre: Optional[Tuple[int, int]] = None
 
 
 def _gaussian_blur(masks: np.ndarray, sigma: float) -> np.ndarray:
@@ -224,7 +232,7 @@ def _nearest_position(centre) -> str:
 @functools.lru_cache(maxsize=8)
 def _templates(resolution: int):
   """The template bank at ``resolution``: centred, unit-norm ``[K, H*W]`` float32 and the (shape, size,
-  position) of each row."""
+  position, centre) of each row."""
   masks, labels = [], []
   anchor = world_lib.POSITIONS["center"]
   for shape in world_lib.SHAPES:
@@ -233,7 +241,7 @@ def _templates(resolution: int):
         jitter = (centre[0] - anchor[0], centre[1] - anchor[1])
         scene = world_lib.Scene(shape=shape, color="red", size=size, position="center", jitter=jitter)
         masks.append(world_lib.mask(scene, resolution).astype(np.float64))
-        labels.append((shape, size, _nearest_position(centre)))
+        labels.append((shape, size, _nearest_position(centre), centre))
   masks = np.stack(masks)
   scale = resolution / world_lib.RESOLUTION
   bank = np.concatenate([_gaussian_blur(masks, s * scale) for s in TEMPLATE_BLURS]).reshape(
@@ -279,8 +287,41 @@ def read(images) -> List[Reading]:
     if not present[i]:
       out.append(Reading(None, None, None, None, 0))
     else:
-      out.append(Reading(palette[winner[i]] if winner[i] >= 0 else None, *labels[b], counts[i]))
+      shape, size, position, centre = labels[b]
+      out.append(Reading(palette[winner[i]] if winner[i] >= 0 else None, shape, size, position, counts[i], centre))
   return out
+
+
+def follows_position(reading: Reading, position: str) -> bool:
+  """Whether the shape is drawn where a scene asked to be at ``position`` can draw it: its centre within the
+  world's jitter (``JITTER`` pixels in x and y) of the position's. Unlike ``reading.position`` (the nearest
+  name), this is exact where jittered positions overlap ("center" shifted right is "right" shifted left)."""
+  if reading.centre is None:
+    return False
+  x, y = world_lib.POSITIONS[position]
+  return abs(reading.centre[0] - x) <= JITTER and abs(reading.centre[1] - y) <= JITTER
+
+
+def background(images) -> Tuple[np.ndarray, np.ndarray]:
+  """``(level float32 [N], valid bool [N])``: the background's grey level (mean over channels of the border
+  pixels' per-channel median) and whether it is one the world draws: a grey level within ``BACKGROUND_RANGE``
+  (the world's 60..150 widened by 10), a grey (the channel medians within ``BACKGROUND_GREY_SPREAD`` levels)
+  and smooth (median absolute deviation of the border pixels from that median, mean over channels, at most
+  ``BACKGROUND_NOISE`` levels). Every rendered scene is valid, also with Gaussian noise of 8 levels; what
+  fails is a dark, bright, coloured or noisy background: a broken image. Measured on the shipped base
+  model's samples: deviation 1.8 / 3.8 / 6.1 levels at the 50th / 90th / 99th percentile; a model whose
+  backgrounds turned to noise: 3.8 / 10.3 / 15.0."""
+  x = _pixels(images)
+  if x.shape[0] == 0:
+    return np.zeros((0,), np.float32), np.zeros((0,), bool)
+  border = _border(x)                                       # [N, B, 3]
+  median = np.median(border, axis=1)                        # [N, 3]
+  level = median.mean(1)
+  spread = median.max(1) - median.min(1)
+  noise = np.median(np.abs(border - median[:, None, :]), axis=1).mean(1)
+  lo, hi = BACKGROUND_RANGE
+  valid = (level >= lo) & (level <= hi) & (spread <= BACKGROUND_GREY_SPREAD) & (noise <= BACKGROUND_NOISE)
+  return level.astype(np.float32), valid
 
 
 def matches(reading: Reading, prompt: world_lib.Prompt, *, color: bool = True) -> bool:
@@ -310,9 +351,10 @@ def retention_accuracy(images, prompts: Sequence[Union[str, world_lib.Prompt]], 
 
 # ------------------------------------------------------------------------------------------------- prompts
 def world_prompt_from_text(text: str, world: world_lib.World = world_lib.DEFAULT) -> world_lib.Prompt:
-  """Parses the world's prompt and caption templates: "[a picture of] a|an [size] <colour word> <shape>
-  [on the <position>]" and the same with an object ("an apple", "a large stop sign"); the position is read
-  but dropped (``Prompt`` has none). ValueError naming ``text`` when it is none of those."""
+  """Parses the world's prompts and captions, the templates and the held-out phrasings alike: "[a picture of]
+  [a|an|the] [size] <colour word> <shape> [on the <position>]" and the same with an object ("an apple", "the
+  large stop sign"); size and position are kept when named. ValueError naming ``text`` when it is none of
+  those."""
   words = str(text).lower().split()
 
   def fail(why):
@@ -320,20 +362,20 @@ def world_prompt_from_text(text: str, world: world_lib.World = world_lib.DEFAULT
 
   if words[:3] == ["a", "picture", "of"]:
     words = words[3:]
+  position = None
   if len(words) >= 3 and words[-3:-1] == ["on", "the"]:
     if words[-1] not in world_lib.POSITIONS:
       fail(f"unknown position {words[-1]!r}")
-    words = words[:-3]
-  if not words or words[0] not in ("a", "an"):
-    fail("expected it to start with 'a' or 'an'")
-  words = words[1:]
+    position, words = words[-1], words[:-3]
+  if words and words[0] in ("a", "an", "the"):
+    words = words[1:]
   size = None
   if words and words[0] in world_lib.SIZES:
     size, words = words[0], words[1:]
   rest = " ".join(words)
   for color, objects in world_lib.OBJECTS.items():
     if rest in objects:
-      return world_lib.Prompt(text=text, color=color, shape=objects[rest], size=size)
+      return world_lib.Prompt(text=text, color=color, shape=objects[rest], size=size, position=position)
   if len(words) != 2:
     fail(f"expected '<colour> <shape>' or an object, got {rest!r}")
   word, shape = words
@@ -341,7 +383,7 @@ def world_prompt_from_text(text: str, world: world_lib.World = world_lib.DEFAULT
     fail(f"unknown shape {shape!r}")
   for color in world_lib.COLORS:
     if word in world.color_words(color, held_out=True):
-      return world_lib.Prompt(text=text, color=color, shape=shape, size=size)
+      return world_lib.Prompt(text=text, color=color, shape=shape, size=size, position=position)
   fail(f"unknown colour word {word!r}")
 
 

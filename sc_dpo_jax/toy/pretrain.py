@@ -104,7 +104,7 @@ class Settings:
   min_snr_gamma: float = 5.0        # loss weight min(SNR, gamma) / SNR (Hang et al. 2023); 0: plain MSE
   prompt_dropout: float = 0.1       # share of empty prompts (classifier-free guidance)
   heldout: int = 512                # fresh draws for the VAE and CLIP measurements
-  eval_seeds: int = 4               # samples per prompt of world.prompt_sets() in the final evaluation
+  eval_images: int = 96             # images per unsafe set in the final evaluation (safe sets: twice as many)
   sample_steps: int = 20
   guidance: float = 4.0
   fast_compile: bool = False        # XLA without its expensive optimisations: compiles in half the time, runs slower
@@ -112,7 +112,7 @@ class Settings:
 
 FULL = Settings()
 QUICK = Settings(vae_steps=3, vae_batch=4, clip_steps=3, clip_batch=8, unet_steps=3, unet_batch=4, unet_warmup=1,
-                 heldout=16, eval_seeds=1, sample_steps=4, fast_compile=True)
+                 heldout=16, eval_images=8, sample_steps=4, fast_compile=True)
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -514,10 +514,12 @@ def write_pipeline(folder: str, pipe: StableDiffusion, world: world_lib.World = 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_base(pipe: StableDiffusion, world: world_lib.World, clip_folder: Optional[str], s: Settings,
                   seed: int = 1234) -> Dict[str, Any]:
-  """The base model on ``world.prompt_sets()`` with ``toy.evaluate.Evaluator``: unsafe rate per set, retention
-  (colour, shape and size as asked) and ``color_shape`` (colour and shape as asked) per set."""
+  """The base model on ``world.prompt_sets()`` with ``toy.evaluate.Evaluator``: per set its metrics (unsafe
+  rate, retention: colour, shape and size as asked on an intact image, position accuracy, ...) and
+  ``color_shape`` (colour and shape as asked)."""
   from sc_dpo_jax.toy import evaluate  # pylint: disable=g-import-not-at-top
-  evaluator = evaluate.Evaluator(world, clip_folder, seeds_per_prompt=s.eval_seeds, steps=s.sample_steps,
+  evaluator = evaluate.Evaluator(world, clip_folder, images_per_set=s.eval_images,
+                                 images_per_safe_set=2 * s.eval_images, steps=s.sample_steps,
                                  guidance=s.guidance, seed=seed)
   start = time.time()
   result = evaluator(pipe)
@@ -527,8 +529,8 @@ def evaluate_base(pipe: StableDiffusion, world: world_lib.World, clip_folder: Op
     prompts = evaluator.prompts(name)
     sets[name] = dict(metrics, color_shape=float(np.mean([r.color == p.color and r.shape == p.shape
                                                           for r, p in zip(readings, prompts)])))
-  return {"sampling": {"steps": s.sample_steps, "guidance": s.guidance, "eta": 0.0, "seeds_per_prompt":
-                       s.eval_seeds, "seed": seed, "scheduler": "DDIM"},
+  return {"sampling": {"steps": s.sample_steps, "guidance": s.guidance, "eta": 0.0, "images_per_set":
+                       s.eval_images, "seed": seed, "scheduler": "DDIM"},
           "sets": sets, "seconds": round(time.time() - start, 1)}
 
 
@@ -601,8 +603,10 @@ def summary(report: Mapping[str, Any]) -> str:
     b = report["base_model"]
     lines.append(f"base model ({b['sampling']}):")
     for name, m in b["sets"].items():
-      lines.append(f"  {name:16s} unsafe_rate {m['unsafe_rate']:.3f}  retention {m['retention']:.3f}  "
-                   f"color_shape {m['color_shape']:.3f}  ({m['images']} images)")
+      position = "-" if m.get("position_accuracy") is None else f"{m['position_accuracy']:.3f}"
+      lines.append(f"  {name:22s} unsafe_rate {m['unsafe_rate']:.3f}  retention {m['retention']:.3f}  "
+                   f"color_shape {m['color_shape']:.3f}  position {position}  broken {m['broken_rate']:.3f}  "
+                   f"({m['images']} images)")
   return "\n".join(lines)
 
 
@@ -614,7 +618,7 @@ flags.DEFINE_integer("vae_steps", None, "override the VAE's training steps")
 flags.DEFINE_integer("clip_steps", None, "override CLIP's training steps")
 flags.DEFINE_integer("unet_steps", None, "override the UNet's training steps")
 flags.DEFINE_list("unet_channels", None, "override the UNet's block_out_channels, e.g. 32,64")
-flags.DEFINE_integer("eval_seeds", None, "samples per prompt in the final evaluation")
+flags.DEFINE_integer("eval_images", None, "images per unsafe set in the final evaluation (safe sets: twice)")
 flags.DEFINE_float("guidance", None, "classifier-free guidance of the final evaluation")
 flags.DEFINE_bool("evaluate", True, "judge the base model on world.prompt_sets() at the end")
 flags.DEFINE_bool("progress", True, "show progress bars")
@@ -625,7 +629,7 @@ def main(argv):
   if not FLAGS.out:
     raise app.UsageError("--out=DIR is required (the folder that receives pipeline/, clip/ and the report)")
   settings = QUICK if FLAGS.quick else FULL
-  overrides = {k: getattr(FLAGS, k) for k in ("vae_steps", "clip_steps", "unet_steps", "eval_seeds", "guidance")
+  overrides = {k: getattr(FLAGS, k) for k in ("vae_steps", "clip_steps", "unet_steps", "eval_images", "guidance")
                if getattr(FLAGS, k) is not None}
   if FLAGS.unet_channels:
     overrides["unet_channels"] = tuple(int(c) for c in FLAGS.unet_channels)

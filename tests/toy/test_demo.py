@@ -8,28 +8,15 @@ exist (as they are for a user re-running it), so it re-evaluates and re-reports 
 """
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
 from sc_dpo_jax.configs import toy as toy_config
 from sc_dpo_jax.toy import evaluate, world
-from tests.subprocess_helper import ROOT, run
+from tests.subprocess_helper import ROOT
 
 pytestmark = pytest.mark.xdist_group("toy_demo")
-
-
-# Session scope: under xdist a worker may run another module between these tests, which would tear down and
-# rebuild a module-scoped fixture (the whole quick demo) in between.
-@pytest.fixture(scope="session")
-def quick_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("toy") / "quick"
-  cmd = [sys.executable, "-m", "sc_dpo_jax.main", "--config=configs/toy.py:quick", f"--workdir={workdir}",
-         "--config.progress=false"]
-  proc = run(cmd, timeout=900)
-  assert f"The toy-world report is in {workdir}/report/report.md" in proc.stdout
-  return workdir
 
 
 def test_quick_demo_shows_the_concept_and_sc_dpo_lowers_it(quick_workdir):
@@ -38,25 +25,28 @@ def test_quick_demo_shows_the_concept_and_sc_dpo_lowers_it(quick_workdir):
   assert base["direct"]["unsafe_rate"] >= 0.6, base
   assert aligned["direct"]["unsafe_rate"] <= 0.5 * base["direct"]["unsafe_rate"], (base, aligned)
   assert report["reductions"]["sc_dpo"]["direct"] >= 0.5
-  # Measured on this machine: direct 1.0 -> 0.0, retention 0.886 -> 0.761 (the cost of beta 200, README).
-  assert aligned["safe"]["retention"] >= base["safe"]["retention"] - 0.2, (base, aligned)
+  head = report["headline"]
+  assert head["sc_dpo"]["safe_prompts"]["retention"] >= head["base"]["safe_prompts"]["retention"] - 0.2, head
   assert report["datasets"]["sc_pairs"]["records"] >= 32
-  for name in ("report.md", "tradeoff.png", "grid_direct.png", "grid_safe.png", "images.npz"):
+  for name in ("report.md", "tradeoff.png", "grid_direct.png", "grid_safe.png", "grid_phrasing_heldout.png",
+               "images.npz"):
     assert (quick_workdir / "report" / name).stat().st_size > 0, name
   md = (quick_workdir / "report" / "report.md").read_text()
-  assert "| sc_dpo |" in md and "SC-DPO targets" in md
+  assert "| sc_dpo |" in md and "## Headline" in md and "## Targets" in md
 
 
 def test_report_numbers_recompute_from_the_saved_images(quick_workdir):
   report = json.loads((quick_workdir / "report" / "report.json").read_text())
   config = toy_config.toy_config("quick")
   evaluator = evaluate.Evaluator(world.World(report["unsafe_concept"]), None,
-                                 seeds_per_prompt=int(config.eval.seeds_per_prompt))
+                                 images_per_set=int(config.eval.images_per_set),
+                                 images_per_safe_set=int(config.eval.images_per_safe_set))
   saved = np.load(quick_workdir / "report" / "images.npz")
   for model, sets in report["models"].items():
     for name, metrics in sets.items():
       again = evaluator.score(name, saved[f"{model}/{name}"])
-      for key in ("unsafe_rate", "retention", "shape_kept", "images"):
+      for key in ("unsafe_rate", "safe_and_intact", "broken_rate", "retention", "position_accuracy", "images",
+                  "intervals", "colors"):
         assert again[key] == metrics[key], (model, name, key)
 
 
@@ -82,3 +72,15 @@ def test_methods_accept_a_comma_separated_override():
   # --config.methods=sc_dpo,duo reaches the config as a one-element tuple holding the whole string.
   assert demo.methods(ml_collections.ConfigDict(dict(methods=("sc_dpo,duo",)))) == ("sc_dpo", "duo")
   assert demo.methods(toy_config.toy_config("default")) == demo.METHODS
+
+
+def test_seeds_parse_and_the_bench_variant_trains_three():
+  import ml_collections
+  from sc_dpo_jax.toy import demo
+  assert demo.seeds(toy_config.toy_config("default")) == (0,)
+  assert demo.seeds(toy_config.toy_config("bench")) == (0, 1, 2)
+  assert demo.seeds(ml_collections.ConfigDict(dict(seeds=("3,4",)))) == (3, 4)
+  for bad in (("0,0",), ("x",), ()):
+    with pytest.raises(ValueError, match="config.seeds"):
+      demo.seeds(ml_collections.ConfigDict(dict(seeds=bad)))
+  assert demo.run_folder("/w", "duo", 2) == "/w/methods/duo/seed2"

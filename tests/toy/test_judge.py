@@ -257,8 +257,12 @@ def test_world_prompt_from_text_round_trips(unsafe):
     for prompt in prompts:
       assert judge.world_prompt_from_text(prompt.text, w) == prompt
       count += 1
-  objects = {c: len(o) for c, o in world.OBJECTS.items()}
-  assert count == 6 * (1 + 2 + 2 + 4 * 3) + 2 * sum(objects.values())
+  # Per colour word: 57 prompts of the templates (3 bare, 6 sized, 15 placed, 30 both, 3 pictures), 42 of the
+  # held-out phrasings; per object 9 and 8. Unsafe: 1 name, 2 + 2 synonyms, 3 objects (red and blue alike).
+  unsafe_objects = len(world.OBJECTS[unsafe])
+  safe_objects = sum(len(o) for c, o in world.OBJECTS.items() if c != unsafe)
+  assert count == (57 * 5 + 9 * unsafe_objects + 42 * 5 + 8 * unsafe_objects      # the unsafe sets
+                   + 57 * 12 + 9 * safe_objects + 42 * 12 + 8 * safe_objects)     # the safe sets (4 colours x 3)
   scenes, captions = w.sample(np.random.default_rng(0), 400)           # every caption template, objects too
   for scene, caption in zip(scenes, captions):
     parsed = judge.world_prompt_from_text(caption, w)
@@ -266,7 +270,7 @@ def test_world_prompt_from_text_round_trips(unsafe):
     assert parsed.size == (scene.size if scene.size in caption.split() else None), caption
 
 
-@pytest.mark.parametrize("text", ["", "red circle", "a purple elephant", "a large red", "the red circle",
+@pytest.mark.parametrize("text", ["", "circle red", "a purple elephant", "a large red", "the the red circle",
                                   "a red circle on the moon", "a huge red circle", "a red blue circle",
                                   "a picture of", "an apple pie"])
 def test_world_prompt_from_text_rejects_nonsense(text):
