@@ -1,7 +1,7 @@
 """The toy world: every alignment method on the shipped tiny model, evaluated by an exact judge (``make demo``).
 
   python -m sc_dpo_jax.main --config=configs/toy.py --workdir=workdir/demo
-  python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick       # SC-DPO only, smaller
+  python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick       # the DPO family, smaller
   python -m sc_dpo_jax.main --config=configs/toy.py:bench --workdir=workdir/bench       # every method, 3 seeds
 
 Any key can be overridden, including each method's whole trainer config, e.g.
@@ -12,8 +12,8 @@ Stages: ``sc_dpo_jax/toy/demo.py``; what the report holds: ``README.md``.
 Every key of the demo, each method's whole trainer config (:func:`toy_config`; the notebook calls it
 directly). Variants: ``default`` (every method, one training seed, ``make demo``), ``bench`` (every method
 trained with each of ``seeds`` 0, 1, 2: the report gives the mean over seeds, their spread and intervals over
-the pooled images) and ``quick`` (SC-DPO only, smaller datasets and evaluation sets: the tests and the
-notebook's quick mode).
+the pooled images) and ``quick`` (the DPO family: Diffusion-DPO, SC-DPO and DUO, on smaller datasets and
+evaluation sets: the learning tests and the notebook's quick mode).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -76,7 +76,7 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.base = ml_collections.ConfigDict(dict(
       path=config_dict.placeholder(str),   # a folder with pipeline/ and clip/; default: the shipped one
   ))
-  c.methods = ("sc_dpo",) if quick else ("diffusion_dpo", "sc_dpo", "duo", "shielddiff_rl")
+  c.methods = ("diffusion_dpo", "sc_dpo", "duo") if quick else ("diffusion_dpo", "sc_dpo", "duo", "shielddiff_rl")
   # Training seeds of every method (each trainer's `seed`: LoRA init, noise, data order); the base model, the
   # cost model and the datasets are shared by all seeds. Several seeds: the report's rates are means over them.
   c.seeds = (0, 1, 2) if variant == "bench" else (0,)

@@ -1,6 +1,6 @@
 """Pretrains the toy world's base model on a CPU: a tiny VAE, a tiny CLIP and a tiny text-to-image UNet.
 
-    python -m sc_dpo_jax.toy.pretrain --out=workdir/toy_base            # the full run: 10-14 min on 2 busy cores
+    python -m sc_dpo_jax.toy.pretrain --out=workdir/toy_base            # the full run: about 18 min on 2 idle cores
     python -m sc_dpo_jax.toy.pretrain --out=/tmp/toy_quick --quick      # a few steps of each stage (plumbing)
 
     folder = pretrain.pretrained_folder()                 # the shipped result: pipeline/, clip/, report
@@ -95,7 +95,7 @@ class Settings:
   clip_steps: int = 500
   clip_batch: int = 64
   clip_lr: float = 2e-3
-  unet_steps: int = 1800
+  unet_steps: int = 6000
   unet_batch: int = 32
   unet_lr: float = 3e-3
   unet_warmup: int = 200

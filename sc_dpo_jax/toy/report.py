@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -83,36 +83,50 @@ def _grid(results: Mapping[str, Any], name: str, columns: int = COLUMNS_SHOWN) -
   return np.repeat(np.repeat(grid, UPSCALE, axis=0), UPSCALE, axis=1)
 
 
-def _plot(path: str, heads: Mapping[str, Any]) -> None:
-  """Safe-and-intact on unsafe prompts (y) against retention on safe prompts (x), 95% intervals as bars."""
+def plot_tradeoff(path: str, points: Sequence[Mapping[str, Any]], *, title: str) -> None:
+  """Safe-and-intact on unsafe prompts (y) against retention on safe prompts (x), 95% intervals as bars.
+
+  ``points``: dicts with ``label``, ``retention`` and ``safe_and_intact`` (rates) and their ``*_interval``
+  ``[lo, hi]``, optional ``base`` (a star) and ``front`` (on the Pareto front: joined by a dashed line)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5.8, 4.4))
+  fig, ax = plt.subplots(figsize=(6.2, 4.6))
   placed: List = []
-  for model, h in heads.items():
-    u, s = h["unsafe_prompts"], h["safe_prompts"]
-    x, y = s["retention"], u["safe_and_intact"]
+  for p in points:
+    x, y = p["retention"], p["safe_and_intact"]
     if x is None or y is None:
       continue
-    (x_lo, x_hi), (y_lo, y_hi) = s["intervals"]["retention"], u["intervals"]["safe_and_intact"]
+    (x_lo, x_hi), (y_lo, y_hi) = p["retention_interval"], p["safe_and_intact_interval"]
     xerr = [[max(x - x_lo, 0.0)], [max(x_hi - x, 0.0)]]   # max: rounding at rates of 0 and 1
     yerr = [[max(y - y_lo, 0.0)], [max(y_hi - y, 0.0)]]
-    base = model == "base"
+    base = bool(p.get("base"))
     ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="*" if base else "o", ms=12 if base else 6, capsize=2,
                 zorder=3 if base else 2)
     near = sum(abs(x - a) < 0.06 and abs(y - b) < 0.05 for a, b in placed)   # stack close labels
-    ax.annotate(model, (x, y), textcoords="offset points", xytext=(6, 4 - 11 * near))
+    ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4 - 10 * near), fontsize=8)
     placed.append((x, y))
+  front = sorted((p["retention"], p["safe_and_intact"]) for p in points if p.get("front"))
+  if len(front) > 1:
+    ax.plot(*zip(*front), "--", color="grey", lw=1, zorder=1)
   ax.set_xlabel("retention on safe prompts (colour, shape, size right; image intact)")
   ax.set_ylabel("safe and intact on unsafe prompts")
   ax.set_xlim(-0.05, 1.05)
   ax.set_ylim(-0.05, 1.05)
   ax.grid(alpha=0.3)
-  ax.set_title("toy world: safety vs retention (upper right is better)")
+  ax.set_title(title)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def _points(heads: Mapping[str, Any]) -> List[Dict[str, Any]]:
+  return [{"label": model, "base": model == "base",
+           "retention": h["safe_prompts"]["retention"],
+           "retention_interval": h["safe_prompts"]["intervals"]["retention"],
+           "safe_and_intact": h["unsafe_prompts"]["safe_and_intact"],
+           "safe_and_intact_interval": h["unsafe_prompts"]["intervals"]["safe_and_intact"]}
+          for model, h in heads.items()]
 
 
 def _seed_spread(heads_per_seed: List[Mapping[str, Any]]) -> Dict[str, Dict[str, float]]:
@@ -166,7 +180,8 @@ def write_report(out_dir: str, *, world, evaluator, results: Mapping[str, Any],
     path = os.path.join(out_dir, f"grid_{name}.png")
     images_lib.save_png(path, _grid(results, name))
     pictures[name] = os.path.basename(path)
-  _plot(os.path.join(out_dir, "tradeoff.png"), heads)
+  plot_tradeoff(os.path.join(out_dir, "tradeoff.png"), _points(heads),
+                title="toy world: safety vs retention (upper right is better)")
 
   # Markdown.
   seeds = max([len(v) for v in runs.values()] + [1])

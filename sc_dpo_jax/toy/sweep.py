@@ -31,7 +31,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sc_dpo_jax.toy import demo
+from sc_dpo_jax.toy import demo, report
 
 # Sections of the toy config each shared stage reads (a sweep key under one of them gives it its own folder).
 STAGE_SECTIONS = ("seed", "world", "base", "cost_model", "data", "sampling")
@@ -169,32 +169,12 @@ def table(results: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -
 
 
 def _plot(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.5, 4.8))
+  points = []
   for row in rows:
-    x, y = row["retention"], row["safe_and_intact"]
-    (x_lo, x_hi), (y_lo, y_hi) = row["retention_interval"], row["safe_and_intact_interval"]
-    base = row["model"] == "base"
-    ax.errorbar([x], [y], xerr=[[max(x - x_lo, 0)], [max(x_hi - x, 0)]],
-                yerr=[[max(y - y_lo, 0)], [max(y_hi - y, 0)]],
-                fmt="*" if base else ("o" if row["pareto"] else "."), ms=11 if base else 6, capsize=2, alpha=0.9)
-    label = "base" if base else (f"{row['model']} " + ", ".join(f"{k.split('.')[-1]}={v}"
-                                                                 for k, v in row["overrides"].items()))
-    ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 3), fontsize=7)
-  front = sorted((r["retention"], r["safe_and_intact"]) for r in rows if r["pareto"])
-  if len(front) > 1:
-    ax.plot(*zip(*front), "--", color="grey", lw=1, zorder=1)
-  ax.set_xlabel("retention on safe prompts")
-  ax.set_ylabel("safe and intact on unsafe prompts")
-  ax.set_xlim(-0.05, 1.05)
-  ax.set_ylim(-0.05, 1.05)
-  ax.grid(alpha=0.3)
-  ax.set_title("toy sweep: one point per run, 95% intervals; dashed: Pareto front")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+    label = "base" if row["model"] == "base" else (
+        f"{row['model']} " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in row["overrides"].items()))
+    points.append(dict(row, label=label, base=row["model"] == "base", front=row["pareto"]))
+  report.plot_tradeoff(path, points, title="toy sweep: one point per run, 95% intervals; dashed: Pareto front")
 
 
 def _fmt(value, interval) -> str:
