@@ -21,12 +21,13 @@ interrupted demo continues, and the notebook reads a finished one):
    once per training seed of ``seeds`` (``<workdir>/methods/<method>/seed<k>``).
 5. **Evaluation** (``toy.evaluate``): the base and every aligned model on the same prompts and noise; a method
    trained with several seeds is scored per seed and combined (``evaluate.combine_seeds``).
-6. **Report** (``toy.report``): ``report.md``, ``report.json``, sample grids and the unsafe-rate-vs-retention
-   plot in ``<workdir>/report``.
+6. **Report** (``toy.report``): ``report.md``, ``report.json``, sample grids and the trade-off plot
+   (safe-and-intact on unsafe prompts against retention on safe prompts) in ``<workdir>/report``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -198,14 +199,15 @@ def evaluate_cached(evaluator, pipe, folder: str, key: Dict[str, Any]) -> Dict[s
 
 
 def evaluator_key(evaluator, model_folder: str) -> Dict[str, Any]:
-  """What the evaluation images depend on: the evaluator's settings and the model (its folder and the time its
-  UNet weights were written, so a retrained model is sampled again)."""
+  """What the evaluation images depend on: the evaluator's settings, the prompt of every draw, and the model
+  (its folder and the time its UNet weights were written, so a retrained model is sampled again)."""
   weights = os.path.join(model_folder, "unet", "diffusion_pytorch_model.safetensors")
   return {"model": model_folder, "weights_mtime": os.path.getmtime(weights) if _done(weights) else None,
           "unsafe": evaluator.world.unsafe, "images_per_set": evaluator.images_per_set,
           "images_per_safe_set": evaluator.images_per_safe_set, "steps": evaluator.steps,
           "guidance": evaluator.guidance, "seed": evaluator.seed, "batch_size": evaluator.batch_size,
-          "sets": list(evaluator.prompt_sets)}
+          "sets": list(evaluator.prompt_sets), "prompts": hashlib.sha256("\n".join(
+              p.text for name in evaluator.prompt_sets for p in evaluator.prompts(name)).encode()).hexdigest()}
 
 
 def align(config, method: str, seed: int, base: str, folders: Dict[str, str], stages: str,

@@ -207,9 +207,10 @@ def relative_reduction(base: float, aligned: float) -> Optional[float]:
 
 def combine_seeds(runs: Sequence[Mapping[str, Mapping[str, Any]]]) -> Dict[str, Any]:
   """One model trained with several seeds, evaluated on the same draws: per set, each rate over the images of
-  every seed (so the mean over seeds) with the Wilson interval of those pooled counts, ``seed_std`` (the
-  standard deviation over seeds of each rate: the spread the interval does not show) and ``seeds``; colours,
-  concept fraction and CLIP score averaged. One run is returned as it is, with ``seeds`` 1."""
+  every seed (so the mean over seeds) with the Wilson interval of those pooled counts, ``images`` (all seeds'),
+  ``seed_std`` (the standard deviation over seeds of each rate: the spread the interval does not show) and
+  ``seeds``; colours, concept fraction and CLIP score averaged. One run is returned as it is, with ``seeds``
+  1."""
   if not runs:
     raise ValueError("combine_seeds of no runs")
   if len(runs) == 1:
@@ -219,14 +220,13 @@ def combine_seeds(runs: Sequence[Mapping[str, Mapping[str, Any]]]) -> Dict[str, 
     sets = [r[name] for r in runs]
     merged = dict(pooled({str(i): s for i, s in enumerate(sets)}, [str(i) for i in range(len(sets))]))
     merged.pop("sets")
-    merged["images"] = int(sets[0]["images"])
     merged["seeds"] = len(sets)
     merged["seed_std"] = {k: float(np.std([s[k] for s in sets])) for k in RATES}
     asked = [s for s in sets if s.get("position_accuracy") is not None]
     if asked:
       k = sum(round(s["position_accuracy"] * s["position_images"]) for s in asked)
       n = sum(int(s["position_images"]) for s in asked)
-      merged["position_accuracy"], merged["position_images"] = k / n, n // len(asked)
+      merged["position_accuracy"], merged["position_images"] = k / n, n
       merged["intervals"]["position_accuracy"] = list(wilson(k, n))
       merged["seed_std"]["position_accuracy"] = float(np.std([s["position_accuracy"] for s in asked]))
     else:

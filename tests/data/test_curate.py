@@ -51,12 +51,17 @@ def _build(pipe, folder, cost=concept_cost, **kw):
                                progress=False, **kw)
 
 
+# Safe rewrites of HARMFUL: the shipped base draws red for "red" even when it is the negative prompt, so the safe
+# renderings of a harmful pair come from these (as the demo's datasets do).
+REWRITES = ["a large blue circle", "a large green square", "a large lemon", "a small purple triangle"]
+
+
 def test_sc_pairs_are_ordered_by_the_cost_plug_and_read_back(pipe, tmp_path):
-  source = _build(pipe, tmp_path / "sc")
+  source = _build(pipe, tmp_path / "sc", safe_rewrites=REWRITES)
   _, recs = read_back(tmp_path / "sc")
   info = records.read_info(str(tmp_path / "sc"))
   stats = info["stats"]
-  assert stats["prompts"] == 8 and stats["images"] == 4 * 4 + 4 * 2   # harmful: 2 + 2 with "red" negated
+  assert stats["prompts"] == 8 and stats["images"] == 4 * 6 + 4 * 2   # harmful: 2 + 2 negated + 2 rewritten
   assert stats["pairs"] + stats["dropped_small_gap"] + stats["dropped_too_few_safe"] == 8
   assert len(recs) == source.total == stats["pairs"] >= 4
   assert not os.path.exists(tmp_path / "sc" / curate.PROGRESS_FILE)
@@ -69,7 +74,7 @@ def test_sc_pairs_are_ordered_by_the_cost_plug_and_read_back(pipe, tmp_path):
     if r["harmful_prompt"]:
       assert r["cost_rejected"] - r["cost_chosen"] >= 0.01
   harmful = [r for r in recs if r["harmful_prompt"]]
-  # The base model draws red for these prompts; the negated candidates give the safe renderings.
+  # The base model draws red for these prompts; the rewritten candidates give the safe renderings.
   assert len(harmful) >= 3
   assert np.mean([DETECT(decode(r["image_rejected"])[None])[0][0] for r in harmful]) == 1.0
 

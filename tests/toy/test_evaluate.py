@@ -137,7 +137,7 @@ def test_pooled_and_combined_seeds():
   pooled = evaluate.pooled(kept, evaluate.UNSAFE_SETS)
   assert pooled["images"] == 100 and pooled["unsafe_rate"] == 1.0
   both = evaluate.combine_seeds([kept, replaced])
-  assert both["direct"]["unsafe_rate"] == 0.5 and both["direct"]["seeds"] == 2
+  assert both["direct"]["unsafe_rate"] == 0.5 and both["direct"]["seeds"] == 2 and both["direct"]["images"] == 40
   assert both["direct"]["seed_std"]["unsafe_rate"] == 0.5
   np.testing.assert_allclose(both["direct"]["intervals"]["unsafe_rate"], evaluate.wilson(20, 40))
   assert both["safe"]["retention"] == 1.0 and both["safe"]["seed_std"]["retention"] == 0.0
