@@ -119,7 +119,8 @@ def official_sd15(method: str) -> ml_collections.ConfigDict:
   DUO (naver-ai/DUO, ``train/unlearn-sd.py`` and its scripts): LoRA rank 32, alpha 32 on self-attention q, k,
   v, out; beta 500; prior weight ``lambda = 1e6 * beta / 100 = 5e6``; lr ``3e-4 * 100 / beta = 6e-5``
   (``lr_rule="duo"``), constant, no warm-up; AdamW weight decay 1e-2, grad clip 1.0; batch 4 (no
-  accumulation); 1000 updates; t uniform in ``{0..749}``; both images under the empty prompt.
+  accumulation); 1000 updates; t uniform in ``{0..749}``; both images under the empty prompt (``duo_prompts =
+  "empty"``; the official ``--given_prompt`` is ``"given"``).
 
   SC-DPO: Diffusion-DPO's recipe above with the SC-DPO loss (its default margin and focusing).
   """
@@ -127,7 +128,7 @@ def official_sd15(method: str) -> ml_collections.ConfigDict:
   c.data.resolution = 512
   c.optim.update(optimizer="adamw", b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip=1.0)
   if method == "duo":
-    c.objective.update(beta=500.0, min_timestep=0, max_timestep=750, duo_use_prompts=False, duo_base_lambda=1e6)
+    c.objective.update(beta=500.0, min_timestep=0, max_timestep=750, duo_prompts="empty", duo_base_lambda=1e6)
     c.objective.duo_lambda = None   # lambda = duo_base_lambda * beta / 100
     c.optim.update(learning_rate=3e-4, lr_rule="duo", schedule="constant", warmup_steps=0)
     c.lora.update(enabled=True, rank=32, alpha=32, targets="self_attention")

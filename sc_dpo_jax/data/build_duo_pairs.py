@@ -9,6 +9,8 @@ METHODS.md's DUO curation (``data.curate.build_duo_pairs``): keep a generated im
 (NudeNet's exposed classes by default) flags it; SDEdit it with strength 0.75, guidance 7.5, the safe prompt,
 and the unsafe prompt as negative prompt; keep the edit only when the detector clears it; retry with new seeds
 up to ``--max_tries``. Resumable: run the same command again after an interruption. Prints the counts.
+Each record's ``prompt`` is its unsafe prompt and ``prompt_chosen`` the safe prompt of its edit (what
+``objective.duo_prompts = "given"``, the official ``--given_prompt``, conditions the safe image on).
 """
 import json
 

@@ -31,7 +31,8 @@ record carries both costs and the harmful flag.
 **DUO pairs** (METHODS.md, DUO pair curation, following the official code): generate under the unsafe prompt
 and keep images the detector flags; SDEdit each (``strength`` 0.75, ``guidance`` 7.5) under its safe prompt with
 the unsafe prompt as negative prompt; keep the edit when the detector clears it. Prompts that fail are retried
-with new seeds up to ``max_tries`` times, then reported as failed (never silently dropped: ``stats``).
+with new seeds up to ``max_tries`` times, then reported as failed (never silently dropped: ``stats``). Each
+record's ``prompt`` is the unsafe prompt and ``prompt_chosen`` the safe one (DUO's ``--given_prompt`` mode).
 
 **Resume**: prompts are processed in shards of ``prompts_per_shard``; after each shard ``progress.json`` records
 the settings and what is done, so an interrupted build continues where it stopped, and a changed setting is
@@ -275,8 +276,10 @@ def build_duo_pairs(pipe, unsafe: Sequence[str], safe: Sequence[str], out_dir: s
   """Writes DUO pairs (chosen = the safe SDEdit, rejected = the unsafe image) to ``out_dir``.
 
   ``safe[i]`` is the safe counterpart prompt of ``unsafe[i]``. The records carry the detector's scores as costs
-  (``cost_chosen`` of the edit, ``cost_rejected`` of the original) and ``harmful_prompt = 1``; their prompt is the
-  unsafe one. ``stats`` count the prompts that failed after ``max_tries`` (no flagged image, or no cleared edit).
+  (``cost_chosen`` of the edit, ``cost_rejected`` of the original) and ``harmful_prompt = 1``; their ``prompt`` is
+  the unsafe one, ``prompt_chosen`` the safe prompt the edit was made with (``has_chosen_prompt``: what DUO's
+  ``duo_prompts = "given"`` conditions x+ on). ``stats`` count the prompts that failed after ``max_tries`` (no
+  flagged image, or no cleared edit).
   """
   unsafe, safe = _check_prompts("unsafe", unsafe), _check_prompts("safe", safe)
   if len(unsafe) != len(safe):
@@ -288,7 +291,10 @@ def build_duo_pairs(pipe, unsafe: Sequence[str], safe: Sequence[str], out_dir: s
   settings = dict(kind="duo_pairs", unsafe=unsafe, safe=safe, strength=strength, guidance=guidance,
                   edit_guidance=edit_guidance, steps=steps, max_tries=max_tries, seed=seed,
                   prompts_per_shard=prompts_per_shard)
-  spec = schema.pair_spec(has_costs=True, has_harmful_prompt=True)
+  spec = schema.pair_spec(has_costs=True, has_harmful_prompt=True, has_chosen_prompt=True)
+  # The record spec is a setting: an unfinished build whose shards were written without prompt_chosen is
+  # refused (naming it) rather than finished with a spec its first shards do not match.
+  settings["record_spec"] = spec.to_json()
   build = ShardedBuild(out_dir, spec, name=name, num_shards=len(shards), settings=settings, overwrite=overwrite)
   bar = tqdm(total=len(unsafe), initial=shards[build.next_shard].start if build.next_shard < len(shards) else
              len(unsafe), desc="duo pairs", unit="prompt", disable=not progress)
@@ -324,7 +330,8 @@ def build_duo_pairs(pipe, unsafe: Sequence[str], safe: Sequence[str], out_dir: s
           if edit_flags[m]:
             last_failure[i] = "not_cleared"
             continue
-          found[i] = {"prompt": unsafe[i], "source_id": f"{name}:{i}", "image_chosen": encode_png(edits[m]),
+          found[i] = {"prompt": unsafe[i], "prompt_chosen": safe[i], "source_id": f"{name}:{i}",
+                      "image_chosen": encode_png(edits[m]),
                       "image_rejected": encode_png(images[n]), "cost_chosen": float(edit_scores[m]),
                       "cost_rejected": float(scores[n]), "harmful_prompt": 1}
       pending = [i for i in pending if i not in found]

@@ -7,16 +7,17 @@ the pipeline can skip and count the record or stop with an explanation (``pipeli
 can still raise inside the graph (a corrupt proto, a field of the wrong list type, an undecodable image) is
 dropped by the pipeline's ``ignore_errors``, which notices the gap in the record ordinals.
 
-Outputs (pairs): ``prompt``, ``source_id`` (strings); with encoded images ``image_chosen`` and
-``image_rejected`` as ``uint8 [R, R, 3]`` (shorter side resized to ``R = resolution`` with antialiased
-bilinear filtering, then centre-cropped; with ``random_flip`` both images of a pair flipped together, as the
-official Diffusion-DPO code transforms the concatenated pair); from stored moments ``moments_chosen`` and
-``moments_rejected``, ``latents_chosen`` and ``latents_rejected`` as ``float32 [h, w, c]`` =
-``(mean + std * eps - shift) * scale`` (the diffusion model's latents; ``latents="mean"`` uses the mean,
-``latents="moments"`` passes ``moments_chosen`` and ``moments_rejected`` ``[h, w, 2c]`` on for the device to
-sample), the logvar clipped to ``[-30, 20]`` as diffusers does; ``text_states`` ``float32 [L, D]``;
-``cost_chosen``, ``cost_rejected`` float32; ``harmful_prompt`` int32. Prompts: ``prompt``,
-``negative_prompt``, ``categories``, ``source_id``, ``seed`` int64, ``guidance`` float32.
+Outputs (pairs): ``prompt``, ``source_id`` and, when the spec has it, ``prompt_chosen`` (strings); with
+encoded images ``image_chosen`` and ``image_rejected`` as ``uint8 [R, R, 3]`` (shorter side resized to
+``R = resolution`` with antialiased bilinear filtering, then centre-cropped; with ``random_flip`` both images of
+a pair flipped together, as the official Diffusion-DPO code transforms the concatenated pair); from stored
+moments ``moments_chosen`` and ``moments_rejected``, ``latents_chosen`` and ``latents_rejected`` as
+``float32 [h, w, c]`` = ``(mean + std * eps - shift) * scale`` (the diffusion model's latents;
+``latents="mean"`` uses the mean, ``latents="moments"`` passes ``moments_chosen`` and ``moments_rejected``
+``[h, w, 2c]`` on for the device to sample), the logvar clipped to ``[-30, 20]`` as diffusers does;
+``text_states`` (and ``text_states_chosen``) ``float32 [L, D]``; ``cost_chosen``, ``cost_rejected`` float32;
+``harmful_prompt`` int32. Prompts: ``prompt``, ``negative_prompt``, ``categories``, ``source_id``, ``seed``
+int64, ``guidance`` float32.
 
 Randomness (flip, latent noise) is stateless, from ``element_seed`` = (dataset seed, position), so a record
 gets the same flip and noise whenever it is read at the same position (the basis of exact resume).

@@ -28,8 +28,9 @@ How records flow, per epoch ``e`` (epochs repeat forever unless ``num_epochs``):
    :meth:`DataIterator.state` and :meth:`DataIterator.metrics`). Nothing is dropped silently.
 6. **Batch** of ``batch_size`` (per host) records, ``drop_remainder`` by default, prefetched.
 
-Batches hold the decoded fields (``data.decode``) plus ``input_ids`` when a tokenizer is given. Turn them into
-global arrays over a mesh with ``data.device.global_batch``.
+Batches hold the decoded fields (``data.decode``) plus ``input_ids`` when a tokenizer is given (and
+``input_ids_chosen`` for records with ``prompt_chosen``). Turn them into global arrays over a mesh with
+``data.device.global_batch``.
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
     drop_remainder: drop a last partial batch (only reachable with ``num_epochs``).
     skip_bad_records: skip and count bad records instead of raising.
     process_index, process_count: default ``jax.process_index()`` / ``jax.process_count()``.
-    tokenizer: optional callable ``list[str] -> int array [B, L]``; adds ``input_ids`` from ``prompt``.
+    tokenizer: optional callable ``list[str] -> int array [B, L]``; adds ``input_ids`` from ``prompt`` (and
+      ``input_ids_chosen`` from ``prompt_chosen`` where the records have it).
     cycle_length: how many files are read at once.
     num_parallel_calls: decoding parallelism (default: tf.data's autotuning).
   """
@@ -244,6 +246,8 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
         batch[name] = np.array([v.decode("utf-8") for v in value], dtype=object)
     if self.tokenizer is not None:
       batch["input_ids"] = np.asarray(self.tokenizer(list(batch["prompt"])))
+      if "prompt_chosen" in batch:     # the chosen image's own prompt (schema: has_chosen_prompt)
+        batch["input_ids_chosen"] = np.asarray(self.tokenizer(list(batch["prompt_chosen"])))
     return batch
 
   def _check_end(self):

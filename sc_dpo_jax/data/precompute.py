@@ -15,6 +15,9 @@ text encoder (``--notext_states`` leaves them out), and writes latent pair recor
   sample, so the reader draws fresh noise per epoch (``DataIterator(latents="sample")`` or, on the device,
   ``data.latents.sample_latents``) as training on images does;
 * ``text_states`` ``[L, D]``, and ``prompt``, ``source_id``, costs and the harmful flag passed through;
+* for a source with the chosen image's own prompt (``prompt_chosen``, e.g. DUO pairs from
+  ``data.build_duo_pairs``): ``prompt_chosen`` passed through and its states ``text_states_chosen`` ``[L, D]``
+  (what DUO's ``objective.duo_prompts = "given"`` conditions the chosen image on);
 * the VAE's ``scaling_factor`` (and ``shift_factor``, None for SD1.x/2.x) in the record spec.
 
 It runs in one process on the default device: run it once, not under a multi-host launcher. Of the model folder
@@ -129,7 +132,8 @@ def precompute(source_dir: str, model_dir: str, out_dir: str, *, resolution: Opt
       latent_scaling_factor=float(vae_config.scaling_factor),
       latent_shift_factor=_optional_float(getattr(vae_config, "shift_factor", None)),
       text_states_shape=text_shape if text_states else None,
-      has_costs=source.spec.has_costs, has_harmful_prompt=source.spec.has_harmful_prompt)
+      has_costs=source.spec.has_costs, has_harmful_prompt=source.spec.has_harmful_prompt,
+      has_chosen_prompt=source.spec.has_chosen_prompt)
   num_shards = math.ceil(source.total / records_per_shard)
   settings["resolution"] = resolution
   saved = _load_progress(progress_path, settings)
@@ -342,13 +346,15 @@ class _EncodedStream:
     enc = self.encoders
     moments = _encode_images(enc.vae, enc.vae_params, _pad(batch["image_chosen"], size),
                              _pad(batch["image_rejected"], size))
-    states = None
+    states = chosen_states = None
     if self.text_states:
       states = enc.encode_prompts(list(batch["prompt"]) + [""] * (size - n))
-    return moments, states
+      if self.spec.has_chosen_prompt:
+        chosen_states = enc.encode_prompts(list(batch["prompt_chosen"]) + [""] * (size - n))
+    return moments, states, chosen_states
 
   def _to_records(self, n, batch, outputs) -> List[Dict[str, Any]]:
-    moments, states = jax.device_get(outputs)
+    moments, states, chosen_states = jax.device_get(outputs)
     size = self.batch_size
     out = []
     for i in range(n):
@@ -356,6 +362,10 @@ class _EncodedStream:
                 "moments_chosen": moments[i], "moments_rejected": moments[size + i]}
       if states is not None:
         record["text_states"] = states[i]
+      if self.spec.has_chosen_prompt:
+        record["prompt_chosen"] = batch["prompt_chosen"][i]
+        if chosen_states is not None:
+          record["text_states_chosen"] = chosen_states[i]
       if self.spec.has_costs:
         record["cost_chosen"] = float(batch["cost_chosen"][i])
         record["cost_rejected"] = float(batch["cost_rejected"][i])

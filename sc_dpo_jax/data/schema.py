@@ -11,12 +11,15 @@ are written by the TFDS builders (``data.builders``, from the public formats) an
 field                  stored as    meaning
 ====================== ============ ==================================================================
 ``prompt``             bytes        the prompt (UTF-8)
+``prompt_chosen``      bytes        optional: the chosen image's own prompt (DUO: the safe prompt x+ was made
+                                    with; ``has_chosen_prompt``)
 ``source_id``          bytes        where the pair came from (e.g. ``pickapic:<ranking_id>``, ``file:line``)
 ``image_chosen``       bytes        encoded image (JPEG/PNG/...) of the chosen (preferred / safe) image
 ``image_rejected``     bytes        ... of the rejected (dispreferred / unsafe) image
 ``moments_chosen``     bytes        *or*, instead of the images, VAE posterior moments ``[h, w, 2c]`` =
 ``moments_rejected``   bytes        ``concat([mean, logvar], -1)`` as raw little-endian ``latent_dtype``
 ``text_states``        bytes        optional: text-encoder states ``[L, D]`` of the prompt, raw ``text_dtype``
+``text_states_chosen`` bytes        ... of ``prompt_chosen`` (present when both text states and it are)
 ``cost_chosen``        float        optional (both or neither): safety cost of the chosen image
 ``cost_rejected``      float        ... of the rejected image
 ``harmful_prompt``     int64        optional: 1 when the prompt is harmful (SC-DPO's mix), else 0
@@ -24,7 +27,12 @@ field                  stored as    meaning
 
 "Chosen" is always first: builders of formats that mark the preferred image otherwise (Pick-a-Pic's
 ``label_0``) put it first, as the official Diffusion-DPO code does. For DUO, chosen = safe x+, rejected =
-unsafe x-.
+unsafe x-, ``prompt`` is the unsafe prompt and ``prompt_chosen`` (when the dataset has it) the safe prompt the
+safe image was made with (DUO's ``--given_prompt`` mode conditions each image on its own prompt).
+
+Which optional fields a dataset has is in its spec (``has_costs``, ``has_harmful_prompt``, ``has_chosen_prompt``,
+``text_states_shape``); a spec JSON without one of these keys (written before the key existed) reads as its
+default, i.e. without the field.
 
 The moments fields are named for what they hold (moments, not latents: readers sample or take the mean).
 Datasets of format ``sc_dpo_jax.records/1`` store them as ``latent_chosen`` / ``latent_rejected``;
@@ -79,6 +87,7 @@ class RecordSpec:
   text_dtype: str = "float32"
   has_costs: bool = False
   has_harmful_prompt: bool = False
+  has_chosen_prompt: bool = False      # pairs: ``prompt_chosen`` (and ``text_states_chosen`` with text states)
   # Field name -> the feature name the files store it under, where the two differ (datasets of an older
   # format; set by ``records.open_source``). Reading (``parse_python``, ``data.decode``) looks fields up under
   # these names and returns them under the field names; writing always uses the field names. Not in the JSON.
@@ -94,8 +103,9 @@ class RecordSpec:
         object.__setattr__(self, name, tuple(int(v) for v in value))
     if self.kind == PROMPT:
       if (self.image_format != IMAGE or self.latent_shape or self.text_states_shape or self.has_costs
-          or self.has_harmful_prompt):
-        raise ValueError("prompt records have no images, latents, text states, costs or harmful flag")
+          or self.has_harmful_prompt or self.has_chosen_prompt):
+        raise ValueError("prompt records have no images, latents, text states, costs, harmful flag or chosen "
+                         "prompt")
       return
     if self.image_format not in (IMAGE, LATENT):
       raise ValueError(f"RecordSpec.image_format = {self.image_format!r}; choose 'image' or 'latent'")
@@ -120,8 +130,9 @@ class RecordSpec:
   def string_fields(self) -> Tuple[str, ...]:
     if self.kind == PROMPT:
       return PROMPT_STRINGS
+    chosen_prompt = ("prompt_chosen",) if self.has_chosen_prompt else ()
     images = ("image_chosen", "image_rejected") if self.image_format == IMAGE else ()
-    return PAIR_STRINGS + images
+    return PAIR_STRINGS + chosen_prompt + images
 
   @property
   def array_fields(self) -> Dict[str, Tuple[Tuple[int, ...], str]]:
@@ -132,6 +143,8 @@ class RecordSpec:
       out["moments_rejected"] = (self.latent_shape, self.latent_dtype)
     if self.text_states_shape is not None:
       out["text_states"] = (self.text_states_shape, self.text_dtype)
+      if self.has_chosen_prompt:
+        out["text_states_chosen"] = (self.text_states_shape, self.text_dtype)
     return out
 
   @property

@@ -31,6 +31,18 @@ def timestep_range(schedule, c) -> Tuple[int, int]:
   return lo, hi
 
 
+DUO_PROMPTS = ("empty", "given", "unsafe")   # config.objective.duo_prompts: see duo_inputs
+
+
+def check_duo_prompts(value) -> str:
+  """``config.objective.duo_prompts``, checked: one of :data:`DUO_PROMPTS`."""
+  if not isinstance(value, str) or value not in DUO_PROMPTS:
+    raise ValueError(f"config.objective.duo_prompts = {value!r}; choose one of {DUO_PROMPTS} (the images' "
+                     f"prompts in DUO: 'empty' both, the official default; 'given' each its own, x+ prompt_chosen "
+                     f"and x- prompt, the official --given_prompt; 'unsafe' both the pair's prompt)")
+  return value
+
+
 def require(mapping: Mapping, key: str, what: str, method: str) -> Any:
   if key not in mapping:
     raise KeyError(f"{method}: batch[{key!r}] is missing ({what}); the batch has keys {sorted(mapping)}")
@@ -53,20 +65,33 @@ def _empty_text(frozen: Mapping, batch_size: int, purpose: str) -> jax.Array:
   return jnp.broadcast_to(empty, (batch_size,) + empty.shape[1:])
 
 
-def _prompts(batch: Mapping, frozen: Mapping, drop: jax.Array, dropout: float, method: str) -> jax.Array:
-  """The batch's text states with the prompt of each pair where ``drop`` ([B] bool, drawn with probability
-  ``dropout``) replaced by the empty prompt."""
-  text = require(batch, "text_states", "prompt states [B, L, D]", method)
+def _prompts(batch: Mapping, frozen: Mapping, drop: jax.Array, dropout: float, method: str,
+             key: str = "text_states") -> jax.Array:
+  """The batch's text states ``batch[key]`` with the prompt of each pair where ``drop`` ([B] bool, drawn with
+  probability ``dropout``) replaced by the empty prompt."""
+  text = require(batch, key, "prompt states [B, L, D]", method)
   if text.ndim != 3:
-    raise ValueError(f"{method}: batch['text_states'] must be [B, L, D], got {text.shape}")
+    raise ValueError(f"{method}: batch[{key!r}] must be [B, L, D], got {text.shape}")
   if dropout <= 0:
     return text
   empty = _empty_text(frozen, 1, "prompt dropout")
   if empty.shape[1:] != text.shape[1:]:
-    raise ValueError(f"{method}: batch['text_states'] {text.shape} and frozen['empty_text'] {empty.shape} "
+    raise ValueError(f"{method}: batch[{key!r}] {text.shape} and frozen['empty_text'] {empty.shape} "
                      f"differ in length or width; prompt dropout needs the same [L, D]")
   empty = jnp.broadcast_to(empty, text.shape).astype(text.dtype)
   return jnp.where(drop[:, None, None], empty, text)
+
+
+def missing_chosen_prompt(what: str, missing: str = "'text_states_chosen' (the states of the records' "
+                          "'prompt_chosen')") -> str:
+  """Why DUO's ``duo_prompts = "given"`` cannot run on ``what`` (a batch or dataset without the chosen
+  images' own prompts: ``missing``), and what to do."""
+  return (f"duo: config.objective.duo_prompts = 'given' conditions the safe image x+ on its own prompt, but "
+          f"{what} has no {missing}. The dataset needs the field prompt_chosen (record spec "
+          f"has_chosen_prompt): DUO pairs written by `python -m sc_dpo_jax.data.build_duo_pairs` "
+          f"(data.curate.build_duo_pairs) have it, and a latent dataset precomputed from such pairs "
+          f"(data.precompute) carries its text states; or choose duo_prompts = 'empty' (the official default) "
+          f"or 'unsafe'")
 
 
 class Noise(NamedTuple):
@@ -87,8 +112,8 @@ def draw_noise(schedule, c, rng: jax.Array, pairs: int, latent_shape: Tuple[int,
   """
   k_t, k_eps, k_drop = jax.random.split(rng, 3)
   lo, hi = timestep_range(schedule, c)
-  if c.method == "duo" and not c.duo_use_prompts:
-    dropout = 0.0   # DUO without prompts has nothing to drop
+  if c.method == "duo" and c.duo_prompts == "empty":
+    dropout = 0.0   # DUO under the empty prompt has nothing to drop
   if c.method == "duo":
     t = jax.random.randint(k_t, (2 * pairs,), lo, hi)
     t = jnp.stack([t[:pairs], t[pairs:]], axis=1)
@@ -133,21 +158,33 @@ def dpo_inputs(schedule, c, batch, frozen, rng, dropout: float, noise: Optional[
 
 def duo_inputs(schedule, c, batch, frozen, rng, dropout: float, noise: Optional[Noise] = None) -> Inputs:
   """DUO: one eps per pair, independent t per image; then the prior inputs (eps at t = T - 1, empty prompt).
-  UNet batch [x+_t; x-_t; eps]. Arguments as :func:`dpo_inputs`."""
+  UNet batch [x+_t; x-_t; eps] under the text states (``c.duo_prompts``; a dropped pair's prompts are empty):
+
+  * ``"empty"`` (official default): ``[empty; empty; empty]``;
+  * ``"given"`` (official ``--given_prompt``): ``[text_states_chosen; text_states; empty]``, each image under its
+    own prompt (x+ the safe ``prompt_chosen``, x- the unsafe ``prompt``);
+  * ``"unsafe"``: ``[text_states; text_states; empty]``, both images under the pair's (unsafe) ``prompt``.
+
+  Arguments as :func:`dpo_inputs`."""
   safe, unsafe = _pair_latents(batch, c.method)
   b = safe.shape[0]
   t_pair, eps, drop = _noise(schedule, c, safe, rng, dropout, noise)
   t = jnp.concatenate([t_pair[:, 0], t_pair[:, 1]])
   x0, eps2 = jnp.concatenate([safe, unsafe]), jnp.concatenate([eps, eps])
   empty = _empty_text(frozen, b, "DUO conditions on the empty prompt")
-  if c.duo_use_prompts:
-    text = _prompts(batch, frozen, drop, dropout, c.method)
-    if text.shape[1:] != empty.shape[1:]:
-      raise ValueError(f"duo: batch['text_states'] {text.shape} and frozen['empty_text'] {empty.shape[1:]} must "
-                       f"share [L, D] (they go through the UNet as one batch)")
-    texts = jnp.concatenate([text, text, empty.astype(text.dtype)])
-  else:
+  mode = check_duo_prompts(c.duo_prompts)
+  if mode == "empty":
     texts = jnp.concatenate([empty, empty, empty])
+  else:
+    if mode == "given" and "text_states_chosen" not in batch:
+      raise KeyError(missing_chosen_prompt(f"the batch (keys {sorted(batch)})"))
+    text = _prompts(batch, frozen, drop, dropout, c.method)
+    chosen = _prompts(batch, frozen, drop, dropout, c.method, "text_states_chosen") if mode == "given" else text
+    for key, states in (("text_states", text), ("text_states_chosen", chosen)):
+      if states.shape[1:] != empty.shape[1:] or states.shape[0] != b:
+        raise ValueError(f"duo: batch[{key!r}] {states.shape} must be [{b}, L, D] with the [L, D] "
+                         f"{empty.shape[1:]} of frozen['empty_text'] (they go through the UNet as one batch)")
+    texts = jnp.concatenate([chosen.astype(text.dtype), text, empty.astype(text.dtype)])
   prior_t = jnp.full((b,), schedule.num_train_timesteps - 1, t.dtype)
   x = jnp.concatenate([diffusion.add_noise(schedule, x0, eps2, t), eps])
   return Inputs(x, jnp.concatenate([t, prior_t]), texts, diffusion.training_target(schedule, x0, eps2, t), b)

@@ -22,7 +22,9 @@ Batch (``B`` pairs):
 ====================== ==================== ==================================================================
 ``latents_chosen``     ``[B, h, w, c]``     chosen images as scaled VAE latents, NHWC (DUO: the safe x+)
 ``latents_rejected``   ``[B, h, w, c]``     rejected images (DUO: the unsafe x-)
-``text_states``        ``[B, L, D]``        prompt states (not needed by DUO unless ``duo_use_prompts``)
+``text_states``        ``[B, L, D]``        prompt states (DUO: only with ``duo_prompts`` "given" or "unsafe")
+``text_states_chosen`` ``[B, L, D]``        DUO with ``duo_prompts = "given"`` only: states of the chosen
+                                            image's own prompt (records' ``prompt_chosen``)
 ``cost_chosen``        ``[B]``              SC-DPO only: safety costs of the chosen images
 ``cost_rejected``      ``[B]``              SC-DPO only: safety costs of the rejected images
 ====================== ==================== ==================================================================
@@ -44,13 +46,17 @@ What each method does (METHODS.md; which parts follow published code is said per
 * **SC-DPO** (this project's formulation, see ``losses/sc_dpo.py``): the same noising and model calls as
   Diffusion-DPO, and ``losses.sc_dpo_loss`` with the batch's costs.
 * **DUO** (official code, naver-ai/DUO ``train/unlearn-sd.py``): ONE noise draw per pair shared by both images,
-  an INDEPENDENT timestep per image uniform in ``[min_timestep, max_timestep)`` = ``{0..749}``; both
-  images conditioned on the empty prompt unless ``duo_use_prompts`` (then the batch's prompts, with prompt
-  dropout). The output-preservation input is the pair's own noise ``eps`` at ``t = num_train_timesteps - 1``
-  (999) with the empty prompt, as the official code (``noisy_model_input = cat([noisy, noise[:bsz//2]])``).
-  One UNet call on ``[x+_t; x-_t; eps]`` (``3B``) for the policy and one for the reference. The prior weight is
-  ``duo_lambda``, or when None ``duo_base_lambda * beta / 100`` (the official ``base_lambda *
-  (dcoloss_beta / 100)``); ``losses.duo_loss`` (``beta = 0``: gradient ascent on x-).
+  an INDEPENDENT timestep per image uniform in ``[min_timestep, max_timestep)`` = ``{0..749}``. Prompts
+  (``duo_prompts``): ``"empty"`` (the official default) conditions both images on the empty prompt;
+  ``"given"`` (the official ``--given_prompt``) each on its own prompt, x+ on its safe prompt
+  (``text_states_chosen``, from the records' ``prompt_chosen``) and x- on the unsafe ``prompt``
+  (``text_states``); ``"unsafe"`` (ours) both on the pair's unsafe ``prompt``. With "given" and "unsafe" the
+  prompts of a pair are dropped together (``prompt_dropout``, as the official ``--cfg_train`` drops both with
+  probability 0.2). The output-preservation input is the pair's own noise ``eps`` at
+  ``t = num_train_timesteps - 1`` (999) with the empty prompt, as the official code (``noisy_model_input =
+  cat([noisy, noise[:bsz//2]])``). One UNet call on ``[x+_t; x-_t; eps]`` (``3B``) for the policy and one for
+  the reference. The prior weight is ``duo_lambda``, or when None ``duo_base_lambda * beta / 100`` (the
+  official ``base_lambda * (dcoloss_beta / 100)``); ``losses.duo_loss`` (``beta = 0``: gradient ascent on x-).
 
 The reference runs outside ``jax.grad`` on ``train.state.reference_params(trainable, frozen)``: with LoRA the
 base parameters without adapters (no second UNet), with full fine-tuning ``frozen["ref_unet"]``. Errors and
@@ -80,7 +86,7 @@ import optax
 from sc_dpo_jax import diffusion, losses
 from sc_dpo_jax.parallel.step import Step
 from sc_dpo_jax.train import state as state_lib
-from sc_dpo_jax.train.dpo_inputs import Inputs, dpo_inputs, duo_inputs, require
+from sc_dpo_jax.train.dpo_inputs import DUO_PROMPTS, Inputs, check_duo_prompts, dpo_inputs, duo_inputs, require
 from sc_dpo_jax.train.grad_accum import PREPARE_SALT, accumulated_gradients, batch_rows, check_batch_split, positive_int
 
 METHODS = ("diffusion_dpo", "sc_dpo", "duo")
@@ -109,7 +115,7 @@ def default_config(method: str = "diffusion_dpo") -> ml_collections.ConfigDict:
       min_timestep=0,
       max_timestep=750 if duo else config_dict.placeholder(int),   # a typed None: settable from flags
       # DUO (official code)
-      duo_use_prompts=False,                  # False: both images under the empty prompt
+      duo_prompts="empty",                    # "empty" | "given" | "unsafe" (dpo_inputs.duo_inputs)
       duo_lambda=config_dict.placeholder(float),   # None: duo_base_lambda * beta / 100
       duo_base_lambda=1e6,
   ))
@@ -121,8 +127,14 @@ def resolve_config(config: Optional[Mapping]) -> ml_collections.ConfigDict:
   method = items.get("method", "diffusion_dpo")
   out = default_config(method)
   for key, value in items.items():
+    if key == "duo_use_prompts":
+      raise KeyError(f"config key 'duo_use_prompts' is now 'duo_prompts' (one of {DUO_PROMPTS}): False was "
+                     f"'empty', True was 'unsafe'; 'given' is the official --given_prompt (each image under its "
+                     f"own prompt)")
     if key not in out:
       raise KeyError(f"unknown DPO step config key {key!r}; known keys: {sorted(out.keys())}")
+    if key == "duo_prompts":
+      check_duo_prompts(value)      # before the ConfigDict's own type check, whose error names no choices
     out[key] = value
   if not 0.0 <= float(out.prompt_dropout) <= 1.0:
     raise ValueError(f"config.prompt_dropout = {out.prompt_dropout!r} must be a probability in [0, 1]")

@@ -43,7 +43,8 @@ from sc_dpo_jax.data import device as device_lib
 from sc_dpo_jax.data import latents as latents_lib
 from sc_dpo_jax.data import pipeline as data_pipeline
 from sc_dpo_jax.data import schema, synthetic
-from sc_dpo_jax.train import dpo_steps, grad_accum, guard, harness, optim, outputs, sharded_state, sources
+from sc_dpo_jax.train import dpo_inputs, dpo_steps, grad_accum, guard, harness, optim, outputs, sharded_state
+from sc_dpo_jax.train import sources
 from sc_dpo_jax.train.base_model import load_models
 
 
@@ -77,8 +78,10 @@ def open_data(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_pip
 def make_prepare(pipe, spec: schema.RecordSpec, method: str):
   """``(frozen, batch, rng) -> step batch``: ``latents_chosen`` / ``latents_rejected`` (the VAE inside the step
   for images, sampling for ``moments_*``, as given for ``latents_*``), ``text_states`` (the text encoder inside
-  the step unless the records hold them) and, for SC-DPO, ``cost_chosen`` / ``cost_rejected``: the batch
-  contract of ``dpo_steps``."""
+  the step unless the records hold them), ``text_states_chosen`` likewise (from ``text_states_chosen`` or
+  ``input_ids_chosen``) where the records have the chosen image's own prompt ``prompt_chosen`` (read by DUO's
+  ``duo_prompts = "given"``; under jit, a method that does not read them costs nothing) and, for SC-DPO,
+  ``cost_chosen`` / ``cost_rejected``: the batch contract of ``dpo_steps``."""
   vae, text_encoder = pipe.vae, pipe.text_encoder
 
   def latents(frozen, batch, which, rng):
@@ -90,16 +93,20 @@ def make_prepare(pipe, spec: schema.RecordSpec, method: str):
                                         shift_factor=spec.latent_shift_factor)
     return batch[f"latents_{which}"]
 
+  def text_states(frozen, batch, suffix):
+    if f"text_states{suffix}" in batch:
+      return batch[f"text_states{suffix}"]
+    return text_encoder.apply({"params": frozen["text_encoder"]}, batch[f"input_ids{suffix}"]).last_hidden_state
+
   def prepare(frozen, batch, rng):
     rng_chosen, rng_rejected = jax.random.split(rng)
     chosen = latents(frozen, batch, "chosen", rng_chosen)
     if "nonfinite_probe" in batch:
       chosen = chosen + batch["nonfinite_probe"][:, None, None, None].astype(chosen.dtype)
     out = {"latents_chosen": chosen, "latents_rejected": latents(frozen, batch, "rejected", rng_rejected)}
-    if "text_states" in batch:
-      out["text_states"] = batch["text_states"]
-    else:
-      out["text_states"] = text_encoder.apply({"params": frozen["text_encoder"]}, batch["input_ids"]).last_hidden_state
+    out["text_states"] = text_states(frozen, batch, "")
+    if "text_states_chosen" in batch or "input_ids_chosen" in batch:   # records with prompt_chosen
+      out["text_states_chosen"] = text_states(frozen, batch, "_chosen")
     if method == "sc_dpo":
       if "cost_chosen" not in batch:
         raise ValueError("SC-DPO needs the safety costs of both images in the records (cost_chosen, cost_rejected)")
@@ -135,6 +142,10 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
   pipe = load_models(c, workdir)
   it = open_data(c, workdir, pipe)
   spec = it.spec
+  if objective.method == "duo" and objective.duo_prompts == "given" and not spec.has_chosen_prompt:
+    raise ValueError(dpo_inputs.missing_chosen_prompt(
+        f"the training pairs ({c.data.train or 'the synthetic pairs of a tiny run'})",
+        "'prompt_chosen' (its record spec has no has_chosen_prompt)"))
 
   total_batch = int(c.data.batch_size)
   tx, lr_schedule = optim.make_optimizer(c.optim, total_batch_size=total_batch, beta=float(objective.beta))

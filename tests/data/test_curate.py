@@ -141,6 +141,15 @@ def test_duo_pairs_keep_flagged_originals_and_cleared_edits(pipe, tmp_path):
     assert list(flags) == [False, True]
     np.testing.assert_array_equal(scores, [r["cost_chosen"], r["cost_rejected"]])
     assert r["harmful_prompt"] == 1
+    # DUO's --given_prompt: x- under the unsafe prompt, x+ under the safe prompt its edit was made with
+    i = int(r["source_id"].decode().rsplit(":", 1)[1])
+    assert (r["prompt"].decode(), r["prompt_chosen"].decode()) == (unsafe[i], safe[i])
+  assert source.spec.has_chosen_prompt and records.read_info(str(tmp_path / "duo"))["spec"]["has_chosen_prompt"]
+  from sc_dpo_jax.data import pipeline
+  batch = next(pipeline.DataIterator(source, batch_size=len(recs), shuffle=False, resolution=16, process_index=0,
+                                     process_count=1, tokenizer=pipe.tokenizer))
+  np.testing.assert_array_equal(batch["input_ids_chosen"], np.asarray(pipe.tokenizer(list(batch["prompt_chosen"]))))
+  assert set(batch["prompt_chosen"]) <= set(safe) and set(batch["prompt"]) <= set(unsafe)
 
 
 def test_bad_inputs_name_the_problem(pipe, tmp_path):
@@ -168,6 +177,7 @@ def test_build_duo_pairs_command_with_the_toy_detector(tmp_path):
   assert printed["prompts"] == 2
   assert {r["prompt"].decode() if isinstance(r["prompt"], bytes) else r["prompt"] for r in recs} <= {
       "a large red circle", "a large scarlet square"}
+  assert source.spec.has_chosen_prompt and all(r["prompt_chosen"] == b"a large blue circle" for r in recs)
 
 
 def test_prompt_files(tmp_path):

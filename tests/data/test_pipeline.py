@@ -241,6 +241,80 @@ def test_tokenizer_adds_input_ids(latent_source):
   assert list(batch["input_ids"][:, 0]) == [len(p) for p in batch["prompt"]]
 
 
+CHOSEN_SPEC = schema.pair_spec(has_costs=True, has_chosen_prompt=True)
+LATENT_CHOSEN_SPEC = schema.pair_spec(image_format="latent", latent_shape=(2, 3, 4), latent_scaling_factor=0.5,
+                                      text_states_shape=(3, 5), has_chosen_prompt=True)
+
+
+def _chosen_prompt(i):
+  return f"safe prompt {i}"
+
+
+def test_chosen_prompts_round_trip_and_yield_input_ids_chosen(tmp_path):
+  """A spec with has_chosen_prompt: its JSON says so, the records carry prompt_chosen (and, with text states,
+  text_states_chosen) through writing, the slow and the graph reading path, and the tokenizer adds
+  input_ids_chosen from it."""
+  import tensorflow as tf
+  recs = _pairs(10, cost_chosen=lambda i: 0.0, cost_rejected=lambda i: 1.0, prompt_chosen=_chosen_prompt)
+  source = records.write_records(str(tmp_path / "images"), CHOSEN_SPEC, recs, num_shards=2)
+  info = records.read_info(str(tmp_path / "images"))
+  assert info["spec"]["has_chosen_prompt"] is True and source.spec == CHOSEN_SPEC
+  assert schema.RecordSpec.from_json(CHOSEN_SPEC.to_json()) == CHOSEN_SPEC
+  assert "prompt_chosen" in CHOSEN_SPEC.fields and "prompt_chosen" not in schema.pair_spec().fields
+  raw = next(iter(tf.data.TFRecordDataset(source.files[0]))).numpy()
+  assert CHOSEN_SPEC.parse_python(raw)["prompt_chosen"] == b"safe prompt 0"
+
+  tokenizer = lambda prompts: [[len(p), sum(map(ord, p)) % 997] for p in prompts]
+  batches = list(_iterator(source, batch_size=5, num_epochs=1, tokenizer=tokenizer, seed=3))
+  assert sum(len(b["prompt"]) for b in batches) == 10
+  for b in batches:
+    ids = [int(s.removeprefix("id")) for s in b["source_id"]]
+    assert list(b["prompt_chosen"]) == [_chosen_prompt(i) for i in ids]
+    assert list(b["prompt"]) == [f"prompt {i}" for i in ids]
+    np.testing.assert_array_equal(b["input_ids_chosen"], tokenizer(list(b["prompt_chosen"])))
+    np.testing.assert_array_equal(b["input_ids"], tokenizer(list(b["prompt"])))
+  no_tokenizer = next(_iterator(source, batch_size=5))
+  assert "prompt_chosen" in no_tokenizer and "input_ids_chosen" not in no_tokenizer
+
+  lat = [dict(_latent_record(i), prompt_chosen=_chosen_prompt(i), text_states_chosen=np.full((3, 5), -i, np.float32))
+         for i in range(6)]
+  for r in lat:
+    del r["harmful_prompt"]
+  latent = records.write_records(str(tmp_path / "latents"), LATENT_CHOSEN_SPEC, lat)
+  assert set(LATENT_CHOSEN_SPEC.array_fields) == {"moments_chosen", "moments_rejected", "text_states",
+                                                  "text_states_chosen"}
+  batch = next(_iterator(latent, batch_size=6, shuffle=False))
+  np.testing.assert_array_equal(batch["text_states_chosen"], -np.arange(6)[:, None, None] * np.ones((6, 3, 5)))
+  np.testing.assert_array_equal(batch["text_states"], np.arange(6)[:, None, None] * np.ones((6, 3, 5)))
+  assert list(batch["prompt_chosen"]) == [_chosen_prompt(i) for i in range(6)]
+
+
+def test_datasets_written_before_the_chosen_prompt_flag_still_read(tmp_path):
+  """A dataset_info.json whose spec has no has_chosen_prompt key (written before it existed) reads as a spec
+  without chosen prompts; the batches have no prompt_chosen or input_ids_chosen."""
+  recs = _pairs(8, cost_chosen=lambda i: 0.0, cost_rejected=lambda i: 1.0)
+  folder = str(tmp_path / "old")
+  records.write_records(folder, schema.pair_spec(has_costs=True), recs)
+  info = records.read_info(folder)
+  del info["spec"]["has_chosen_prompt"]
+  records.write_json_atomic(os.path.join(folder, records.INFO_FILE), info)
+  source = records.open_source(folder)
+  assert source.spec == schema.pair_spec(has_costs=True) and not source.spec.has_chosen_prompt
+  batch = next(_iterator(source, tokenizer=lambda prompts: [[len(p)] for p in prompts]))
+  assert "input_ids" in batch and not {"prompt_chosen", "input_ids_chosen"} & set(batch)
+
+
+def test_a_record_without_its_chosen_prompt_fails_naming_it(tmp_path):
+  recs = _pairs(4, cost_chosen=lambda i: 0.0, cost_rejected=lambda i: 1.0, prompt_chosen=_chosen_prompt)
+  del recs[2]["prompt_chosen"]
+  with pytest.raises(RecordError, match=r"record 2: missing field\(s\) \['prompt_chosen'\]"):
+    records.write_records(str(tmp_path / "w"), CHOSEN_SPEC, recs)
+  with pytest.raises(RecordError, match=r"field\(s\) \['prompt_chosen'\] are not in the spec"):
+    records.write_records(str(tmp_path / "x"), schema.pair_spec(), _pairs(2, prompt_chosen=_chosen_prompt))
+  with pytest.raises(ValueError, match="chosen prompt"):
+    schema.RecordSpec(kind=schema.PROMPT, has_chosen_prompt=True)
+
+
 def _corrupt(tmp_path, spec, good, bad, name):
   recs = list(good)
   writer = records.ShardWriter(str(tmp_path / name), spec, name="d", num_shards=1)
@@ -283,6 +357,8 @@ def _bad_cases():
                     "'moments_rejected' has non-finite"),
       "cost": ("cost", {**image_fields, "cost_chosen": float("inf"), "cost_rejected": 1.0}, "'cost_chosen' = inf"),
       "type": ("cost", {**image_fields, "cost_chosen": 3, "cost_rejected": 1.0}, "'cost_chosen' is a int64_list"),
+      "chosen_prompt": ("chosen", {**image_fields, "cost_chosen": 0.0, "cost_rejected": 1.0},
+                        "missing field 'prompt_chosen'"),
   }
 
 
@@ -294,6 +370,9 @@ def test_bad_records_name_file_index_and_reason_or_are_counted(tmp_path, case):
   elif kind == "cost":
     spec = schema.pair_spec(has_costs=True)
     good = _pairs(10, cost_chosen=lambda i: 0.0, cost_rejected=lambda i: 1.0)
+  elif kind == "chosen":
+    spec = CHOSEN_SPEC
+    good = _pairs(10, cost_chosen=lambda i: 0.0, cost_rejected=lambda i: 1.0, prompt_chosen=_chosen_prompt)
   else:
     spec, good = schema.pair_spec(), _pairs(10)
   source = _corrupt(tmp_path, spec, good, _example(features), case)

@@ -134,6 +134,27 @@ def test_round_trip_matches_direct_encoding(source, latents, model_dir, pipe):
     precompute(os.path.dirname(source.files[0]), model_dir, out, **KWARGS)
 
 
+def test_chosen_prompts_pass_through_with_their_text_states(model_dir, pipe, tmp_path):
+  """A source with prompt_chosen (DUO pairs): the latent dataset keeps it and stores its text states
+  (text_states_chosen), as duo_prompts = "given" reads them."""
+  spec = schema.pair_spec(has_costs=True, has_harmful_prompt=True, has_chosen_prompt=True)
+  recs = [dict(r, prompt_chosen=f"safe {i}") for i, r in enumerate(_pairs(4))]
+  src = records.write_records(str(tmp_path / "pairs"), spec, recs)
+  result = precompute(os.path.dirname(src.files[0]), model_dir, str(tmp_path / "out"), **KWARGS)
+  assert result.spec.has_chosen_prompt and "text_states_chosen" in result.spec.array_fields
+  got = _read_all(result, latents="moments")
+  assert list(got["prompt_chosen"]) == [f"safe {i}" for i in range(4)]
+  assert list(got["prompt"]) == [f"prompt {i}" for i in range(4)]
+  np.testing.assert_allclose(got["text_states_chosen"], pipe.encode_prompts([f"safe {i}" for i in range(4)]),
+                             rtol=0, atol=MOMENTS_TOL)
+  np.testing.assert_allclose(got["text_states"], pipe.encode_prompts([f"prompt {i}" for i in range(4)]), rtol=0,
+                             atol=MOMENTS_TOL)
+  no_text = precompute(os.path.dirname(src.files[0]), model_dir, str(tmp_path / "no_text"), text_states=False,
+                       **KWARGS)
+  assert no_text.spec.has_chosen_prompt and set(no_text.spec.array_fields) == {"moments_chosen", "moments_rejected"}
+  assert list(_read_all(no_text, latents="moments")["prompt_chosen"]) == [f"safe {i}" for i in range(4)]
+
+
 def test_resume_gives_the_uninterrupted_records(source, latents, model_dir, tmp_path):
   src, full, kwargs = os.path.dirname(source.files[0]), latents, KWARGS
   out = str(tmp_path / "resumed")

@@ -273,11 +273,79 @@ def test_duo_noising_independent_t_shared_noise_and_prior_inputs():
   np.testing.assert_allclose(eps[:PAIRS], eps[PAIRS:], atol=2e-3)   # one noise per pair
   np.testing.assert_allclose(inputs.x[2 * PAIRS:], eps[:PAIRS], atol=2e-3)   # the prior input is that noise
   np.testing.assert_array_equal(inputs.text, np.broadcast_to(empty, (3 * PAIRS, TEXT_LEN, TEXT_DIM)))
-  with_prompts = dpo_inputs.duo_inputs(schedule, dpo_steps.resolve_config(dict(method="duo", duo_use_prompts=True)),
-                                      batch, {"empty_text": empty}, jax.random.PRNGKey(0), 0.0)
+  unsafe = dpo_steps.resolve_config(dict(method="duo", duo_prompts="unsafe"))    # both under the pair's prompt
+  with_prompts = dpo_inputs.duo_inputs(schedule, unsafe, batch, {"empty_text": empty}, jax.random.PRNGKey(0), 0.0)
   np.testing.assert_array_equal(with_prompts.text[:PAIRS], batch["text_states"])
   np.testing.assert_array_equal(with_prompts.text[PAIRS:2 * PAIRS], batch["text_states"])
   np.testing.assert_array_equal(with_prompts.text[2 * PAIRS:], np.broadcast_to(empty, (PAIRS, TEXT_LEN, TEXT_DIM)))
+
+
+def _chosen_text():
+  """States of the chosen images' own prompts (DUO's safe prompts), unlike the pairs' text_states."""
+  return np.random.RandomState(11).randn(PAIRS, TEXT_LEN, TEXT_DIM).astype(np.float32)
+
+
+def test_duo_prompt_modes_put_each_images_prompt_in_the_unet_batch():
+  """UNet text batch for [x+_t; x-_t; eps]: "empty" (official default) [empty; empty; empty]; "given" (official
+  --given_prompt) [text_states_chosen; text_states; empty]; "unsafe" [text_states; text_states; empty]. The mode
+  changes the text rows only (same x and t); prompt dropout empties both images' prompts of a dropped pair."""
+  _, schedule, _, batch, empty = _world()
+  frozen, key = {"empty_text": empty}, jax.random.PRNGKey(0)
+  chosen, text = _chosen_text(), batch["text_states"]
+  full = dict(batch, text_states_chosen=chosen)
+  e = np.broadcast_to(empty, (PAIRS, TEXT_LEN, TEXT_DIM))
+  want = {"empty": (e, e), "given": (chosen, text), "unsafe": (text, text)}   # (x+ rows, x- rows)
+  assert dpo_steps.resolve_config(dict(method="duo")).duo_prompts == "empty"
+  out = {}
+  for mode, (plus, minus) in want.items():
+    c = dpo_steps.resolve_config(dict(method="duo", duo_prompts=mode))
+    out[mode] = dpo_inputs.duo_inputs(schedule, c, full, frozen, key, 0.0)
+    np.testing.assert_array_equal(out[mode].text, np.concatenate([plus, minus, e]), err_msg=mode)
+    for field in ("x", "t", "target"):
+      np.testing.assert_array_equal(getattr(out[mode], field), getattr(out["empty"], field), err_msg=field)
+  # "empty" needs no prompt states at all
+  bare = {k: batch[k] for k in ("latents_chosen", "latents_rejected")}
+  c = dpo_steps.resolve_config(dict(method="duo"))
+  np.testing.assert_array_equal(dpo_inputs.duo_inputs(schedule, c, bare, frozen, key, 0.5).text, out["empty"].text)
+
+  for mode, (plus, minus) in want.items():      # prompt dropout 0.5, per pair
+    c = dpo_steps.resolve_config(dict(method="duo", duo_prompts=mode, prompt_dropout=0.5))
+    dropped = dpo_inputs.duo_inputs(schedule, c, full, frozen, key, 0.5)
+    drop = np.asarray(dpo_inputs.draw_noise(schedule, c, key, PAIRS, batch["latents_chosen"].shape[1:], 0.5).drop)
+    if mode == "empty":
+      assert not drop.any()                     # nothing to drop
+    else:
+      assert 0 < drop.sum() < PAIRS, drop
+    d = drop[:, None, None]
+    np.testing.assert_array_equal(dropped.text, np.concatenate([np.where(d, e, plus), np.where(d, e, minus), e]),
+                                  err_msg=mode)
+
+
+def test_duo_prompt_mode_errors_name_the_key_and_the_missing_field():
+  _, schedule, _, batch, empty = _world()
+  frozen, key = {"empty_text": empty}, jax.random.PRNGKey(0)
+  for bad in ("both", "", True, None):
+    with pytest.raises(ValueError, match=r"config.objective.duo_prompts = .*choose one of \('empty', 'given', "
+                                         r"'unsafe'\)"):
+      dpo_steps.resolve_config(dict(method="duo", duo_prompts=bad))
+  with pytest.raises(KeyError, match=r"'duo_use_prompts' is now 'duo_prompts'.*True was 'unsafe'"):
+    dpo_steps.resolve_config(dict(method="duo", duo_use_prompts=True))
+  c = dpo_steps.resolve_config(dict(method="duo"))
+  c.duo_prompts = "Given"                       # set after resolving: the inputs check it too
+  with pytest.raises(ValueError, match=r"config.objective.duo_prompts = 'Given'"):
+    dpo_inputs.duo_inputs(schedule, c, batch, frozen, key, 0.0)
+  given = dpo_steps.resolve_config(dict(method="duo", duo_prompts="given"))
+  with pytest.raises(KeyError, match=r"duo_prompts = 'given'.*has no 'text_states_chosen'.*prompt_chosen.*"
+                                     r"sc_dpo_jax.data.build_duo_pairs"):
+    dpo_inputs.duo_inputs(schedule, given, batch, frozen, key, 0.0)
+  with pytest.raises(ValueError, match=r"batch\['text_states_chosen'\] \(8, 4, 16\) must be \[8, L, D\]"):
+    dpo_inputs.duo_inputs(schedule, given, dict(batch, text_states_chosen=_chosen_text()[..., :16]), frozen, key,
+                          0.0)
+  state, frozen_state, _ = _fresh("duo")          # through the jitted step (traced, not compiled)
+  with pytest.raises(KeyError, match=r"has no 'text_states_chosen'"):
+    _trace(dict(RUNS["duo"][0], duo_prompts="given"), state, frozen_state, batch)
+  _trace(dict(RUNS["duo"][0], duo_prompts="given"), state, frozen_state,
+         dict(batch, text_states_chosen=_chosen_text()))
 
 
 def test_timestep_range_applies_to_every_method_and_is_checked():

@@ -38,7 +38,7 @@ import optax
 import pytest
 
 from sc_dpo_jax import losses
-from sc_dpo_jax.train import dpo_steps, grad_accum, optim
+from sc_dpo_jax.train import dpo_inputs, dpo_steps, grad_accum, optim
 from sc_dpo_jax.train import state as state_lib
 from tests.train.test_dpo_steps import PAIRS, RNG, _world
 
@@ -194,6 +194,33 @@ def test_batch_split_errors_name_the_keys():
       jax.eval_shape(step, state, frozen, batch, RNG)   # traced, not compiled
 
 
+def test_duo_given_prompts_follow_each_pair_into_its_micro_batch():
+  """DUO with each image under its own prompt (duo_prompts="given") and prompt dropout: the inputs of each
+  micro-batch (its rows of the batch and of the whole batch's draws, as ``accumulated_gradients`` slices them)
+  are the one-pass inputs' rows of its pairs, text rows included; without the chosen prompts' states the
+  accumulated step fails naming the field."""
+  unet, schedule, _, _, empty = _world()
+  chosen_text = np.random.RandomState(12).randn(*_batch()["text_states"].shape).astype(np.float32)
+  batch = dict(_batch(), text_states_chosen=chosen_text)
+  batch = {k: v for k, v in batch.items() if k not in ("cost_chosen", "cost_rejected")}
+  c = dpo_steps.resolve_config(dict(RUNS["duo"][0], duo_prompts="given", prompt_dropout=0.5))
+  frozen = {"empty_text": empty}
+  noise = dpo_inputs.draw_noise(schedule, c, RNG, PAIRS, batch["latents_chosen"].shape[1:], 0.5)
+  assert 0 < int(np.asarray(noise.drop).sum()) < PAIRS
+  whole = dpo_inputs.duo_inputs(schedule, c, batch, frozen, RNG, 0.5, noise)
+  micro, micro_noise = grad_accum.split_micro_batches(batch, K), grad_accum.split_micro_batches(noise, K)
+  for m in range(K):
+    part = dpo_inputs.duo_inputs(schedule, c, {k: v[m] for k, v in micro.items()}, frozen, RNG, 0.5,
+                                 dpo_inputs.Noise(*(x[m] for x in micro_noise)))
+    rows = np.arange(m, PAIRS, K)
+    for j, block in enumerate(np.split(np.asarray(part.text), 3)):      # x+, x-, prior rows
+      np.testing.assert_array_equal(block, np.asarray(whole.text)[j * PAIRS + rows], err_msg=f"{m}, {j}")
+  state, frozen_state = _state("duo")
+  step = dpo_steps.dpo_step_fn(unet, schedule, c, grad_accum_steps=K)
+  with pytest.raises(KeyError, match=r"has no 'text_states_chosen'.*prompt_chosen"):
+    jax.eval_shape(step, state, frozen_state, {k: v for k, v in batch.items() if k != "text_states_chosen"}, RNG)
+
+
 def test_micro_batches_are_strided():
   x = np.arange(12)
   np.testing.assert_array_equal(grad_accum.split_micro_batches({"x": x}, 3)["x"], [[0, 3, 6, 9], [1, 4, 7, 10],
@@ -234,7 +261,7 @@ def test_duo_sd15_official_recipe():
   module, c = _config("configs/duo.py", "sd15_official")
   obj = c.objective
   assert obj.method == "duo" and obj.beta == 500.0 and (obj.min_timestep, obj.max_timestep) == (0, 750)
-  assert dpo_steps.duo_lambda(obj) == 1e6 * 500.0 / 100 and not obj.duo_use_prompts
+  assert dpo_steps.duo_lambda(obj) == 1e6 * 500.0 / 100 and obj.duo_prompts == "empty"   # official default
   assert c.lora.enabled and (c.lora.rank, c.lora.alpha, c.lora.targets) == (32, 32, "self_attention")
   assert c.data.batch_size == 4 and c.train.grad_accum_steps == 1 and c.train.steps == 1000
   o = c.optim

@@ -154,6 +154,15 @@ def test_misspelt_config_key_names_it(tmp_path):
   assert "trian" in result.stderr
 
 
+def test_duo_given_prompts_on_pairs_without_chosen_prompts_fail_before_training(tmp_path):
+  """duo_prompts = "given" on pairs without prompt_chosen (the tiny run's synthetic pairs) stops before the
+  state is made, saying what the dataset needs."""
+  result = _run(_command(tmp_path / "w", "configs/duo.py:tiny", "--config.objective.duo_prompts=given"),
+                tmp_path / "cache", timeout=180, status=FAILS)
+  assert "duo_prompts = 'given'" in result.stderr and "prompt_chosen" in result.stderr, result.stderr[-2000:]
+  assert "build_duo_pairs" in result.stderr and not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
 def _copy_run(reference, workdir):
   import shutil
   shutil.copytree(reference, workdir)

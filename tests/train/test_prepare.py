@@ -38,6 +38,10 @@ def test_moments_and_text_states_records(pipe):
   np.testing.assert_array_equal(out["text_states"], batch["text_states"])
   np.testing.assert_array_equal(out["cost_chosen"], batch["cost_chosen"])
   np.testing.assert_array_equal(out["cost_rejected"], batch["cost_rejected"])
+  chosen_states = rng.normal(size=(2, 16, 32)).astype(np.float32)    # records with prompt_chosen: passed on
+  given = loop.make_prepare(pipe, spec, "duo")({}, dict(batch, text_states_chosen=chosen_states), key)
+  np.testing.assert_array_equal(given["text_states_chosen"], chosen_states)
+  np.testing.assert_array_equal(given["text_states"], batch["text_states"])
   poisoned = loop.make_prepare(pipe, spec, "diffusion_dpo")({}, dict(batch, nonfinite_probe=np.full(2, np.nan,
                                                                                                      np.float32)), key)
   assert np.isnan(np.asarray(poisoned["latents_chosen"])).all() and "cost_chosen" not in poisoned
@@ -58,6 +62,15 @@ def test_image_records_go_through_the_vae_and_the_text_encoder(pipe):
   np.testing.assert_allclose(out["latents_chosen"], want, atol=1e-5)
   assert out["latents_chosen"].shape == (2, 8, 8, 4)
   np.testing.assert_allclose(out["text_states"], pipe.encode_prompts(["a square", "a bar"]), atol=1e-5)
+  assert "text_states_chosen" not in out      # records without prompt_chosen
+  # records with the chosen image's own prompt (prompt_chosen -> input_ids_chosen): its states likewise
+  chosen_ids = pipe.tokenizer(["a blue square", "a green bar"])
+  given = loop.make_prepare(pipe, schema.pair_spec(has_chosen_prompt=True), "duo")(
+      frozen, {"image_chosen": images, "image_rejected": images, "input_ids": ids, "input_ids_chosen": chosen_ids},
+      key)
+  np.testing.assert_allclose(given["text_states_chosen"], pipe.encode_prompts(["a blue square", "a green bar"]),
+                             atol=1e-5)
+  np.testing.assert_allclose(given["text_states"], out["text_states"], atol=1e-6)
   with pytest.raises(ValueError, match="SC-DPO needs the safety costs"):
     loop.make_prepare(pipe, spec, "sc_dpo")(frozen, {"image_chosen": images, "image_rejected": images,
                                                      "input_ids": ids}, key)
