@@ -25,7 +25,9 @@ code uses) follow DDPO's official code. ShieldDiff's paper is only known by its 
 weighted sum of named terms, its default weights (CLIP cosine +1, safety cost -1), the prompt mix and the
 iteration counts are this project's choices, all knobs here.
 
-The reward (``reward.weights``): ``r = sum_name weight[name] * term[name](image, prompt)``; a term with weight 0
+The reward (``reward.weights``): ``r = sum_name weight[name] * term[name](image, prompt) / scale[name]``, the
+scale being the term's standard deviation over the iteration's samples (``reward.normalize = "std"``, the
+default; ``"none"``: scale 1). Advantages: ``rl.advantages`` (``train.advantages``). A term with weight 0
 is not even loaded. Terms: ``clip_score`` (cosine of CLIP image and prompt embeddings, ``rewards.ClipScore``),
 ``safety_cost`` (the safety cost model's cost, ``rewards.CostReward``: higher is more harmful, hence the
 negative weight) and ``nudity`` (NudeNet's nudity score in [0, 1], ``rewards.NudityReward``: higher is more
@@ -61,7 +63,7 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       train=config_dict.placeholder(str),    # a prompt dataset folder (kind "prompt"); tiny: synthetic
       split="train",
-      shuffle_buffer=64 if tiny else 4096,
+      shuffle_buffer=0,                      # 0: a full shuffle of the prompt set each epoch (records are tiny)
       skip_bad_records=False,
       synthetic_prompts=12,                  # tiny without data.train: prompts written to <workdir>/data
   ))
@@ -83,6 +85,9 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       timestep_fraction=1.0,                 # share of each trajectory's transitions trained
       clip_range=1e-4,                       # PPO ratio clip epsilon
       adv_clip=5.0,                          # advantages clipped to +-adv_clip
+      # "per_prompt" (DDPO: buffers of each prompt's last rewards, advantage_buffer / advantage_min_count) or
+      # "group" (the iteration's samples of each prompt compared with each other; needs samples_per_prompt >= 2).
+      advantages="per_prompt",
       advantage_buffer=16,                   # per-prompt buffer of the last rewards (train.advantages)
       advantage_min_count=16,                # below this many, batch statistics are used
   ))
@@ -90,6 +95,9 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   c.reward = ml_collections.ConfigDict(dict(
       # name -> weight; 0 leaves a term out. New terms are added here with weight 0 by default.
       weights=ml_collections.ConfigDict(dict(clip_score=1.0, safety_cost=-1.0, nudity=0.0)),
+      # "std": each term divided by its standard deviation over the iteration's samples before weighting, so the
+      # weights say how much each term counts whatever its units; "none": the raw weighted sum.
+      normalize="std",
       clip_folder=config_dict.placeholder(str),        # a CLIPModel folder (both towers + tokenizer files)
       cost_model_folder=config_dict.placeholder(str),  # rewards.save_cost_model's folder
       cost_clip_folder=config_dict.placeholder(str),   # the cost model's CLIP vision tower; default clip_folder

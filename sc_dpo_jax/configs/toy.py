@@ -52,13 +52,15 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
   if method != "duo":
     c.objective.beta = 200.0
   if method == "sc_dpo":
-    c.objective.cost_margin_scale = 0.1   # the toy cost model's costs span about -13..+13
+    # The margin on the cost model's harm probabilities (sigmoid of its costs): a harmful pair's is about the
+    # whole scale (its rejected image is red with probability ~1, its chosen ~0), a clean pair's about 0.
+    c.objective.cost_margin_scale = 2.5
   if method == "duo":
     # The official settings (empty prompt, self-attention LoRA, t < 750, prior weight 1e6 * beta / 100) leave
     # the toy model unchanged at any beta tried (500, 100, 50). What moves it: the pair's prompts, LoRA on all
     # attention, every timestep and a prior weight of 1e3: 0.167 / 0.835.
     c.objective.beta = 100.0
-    c.objective.duo_use_prompts = True
+    c.objective.duo_prompts = "given"        # the official --given_prompt: each image under its own prompt
     c.objective.max_timestep = 1000
     c.objective.duo_lambda = 1e3
   c.lora.targets = "attention"
@@ -108,11 +110,15 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   rl.model.tiny = False
   rl.data.synthetic_prompts = 0
   rl.model.attention = "xla"              # RL samples its own trajectories: sampling speed (c.sampling)
-  rl.rl.num_steps = 10
+  # The training sampler is the evaluation's (c.sampling: steps, guidance) unless set here: None means "the
+  # evaluation's", filled in by the demo. eta stays 1 (DDPO's; the policy needs a density, eta > 0).
+  rl.rl.num_steps = config_dict.placeholder(int)
+  rl.rl.guidance_scale = config_dict.placeholder(float)
   rl.rl.samples_per_iteration = 32
-  rl.rl.samples_per_prompt = 4
+  rl.rl.samples_per_prompt = 4            # 8 prompts per iteration, 4 samples each: their group's advantages
+  rl.rl.advantages = "group"
   rl.rl.updates_per_iteration = 2
-  rl.train.iterations = 10
+  rl.train.iterations = 20
   rl.train.checkpoint_every = 10
   rl.train.eval_prompts = EVAL_PROMPTS
   rl.train.sample_steps = 20

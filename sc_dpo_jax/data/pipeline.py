@@ -95,6 +95,9 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
       or ``"moments"`` (``moments_chosen``/``moments_rejected`` for ``data.latents.sample_latents`` on the
       device; the fastest).
     shuffle, shuffle_buffer: file-order and record shuffling (off: file after file, each in its order).
+      ``shuffle_buffer = 0``: a full permutation of each epoch (a buffer of every record this process reads;
+      what a small dataset such as a prompt set should use: a buffer smaller than the epoch leaves a file
+      written in order, e.g. harmful prompts first, in nearly that order).
     num_epochs: None repeats forever.
     drop_remainder: drop a last partial batch (only reachable with ``num_epochs``).
     skip_bad_records: skip and count bad records instead of raising.
@@ -115,8 +118,8 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
       raise ValueError(f"batch_size = {batch_size} must be >= 1")
     if num_epochs is not None and num_epochs < 1:
       raise ValueError(f"num_epochs = {num_epochs} must be >= 1 or None (forever)")
-    if shuffle and shuffle_buffer < 1:
-      raise ValueError(f"shuffle_buffer = {shuffle_buffer} must be >= 1")
+    if shuffle and shuffle_buffer < 0:
+      raise ValueError(f"shuffle_buffer = {shuffle_buffer} must be >= 1, or 0 for a full shuffle of each epoch")
     if process_index is None or process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
       process_index = jax.process_index() if process_index is None else process_index
@@ -176,7 +179,8 @@ class DataIterator(Iterator[Dict[str, np.ndarray]]):
       if shard.record_level:
         ds = ds.shard(shard.process_count, shard.process_index)
       if self.shuffle:
-        ds = ds.shuffle(self.shuffle_buffer, seed=seed * 1_000_003 + e + 1, reshuffle_each_iteration=False)
+        ds = ds.shuffle(self.shuffle_buffer or shard.records_per_epoch, seed=seed * 1_000_003 + e + 1,
+                        reshuffle_each_iteration=False)
       ds = ds.enumerate().map(lambda o, rec: (e, o) + rec)
       return ds.skip(tf.where(tf.equal(e, start_epoch), start_ordinal, tf.constant(0, tf.int64)))
 

@@ -6,10 +6,28 @@ Focusing Mechanism weighting hard pairs), not the equations. The equations below
 "SC-DPO"); each choice is a knob so it can be changed when the paper's exact form is known::
 
     inside = -(beta / 2) * Delta                     exactly as Diffusion-DPO (losses/dpo.py)
-    margin = cost_margin_scale * max(cost_l - cost_w, 0)
+    p(c)   = sigmoid(c)                              cost_transform "probability" (default); "raw": p(c) = c
+    margin = cost_margin_scale * max(p(cost_l) - p(cost_w), 0)
     z      = inside - margin
     w      = stop_gradient((1 - sigmoid(z)) ** focus_gamma), normalised to mean 1 over the batch
-    loss   = mean(w * -log sigmoid(z))
+    loss   = mean(w * -log sigmoid(z)) + retention_weight * R        R: the retention term (below)
+
+* **Calibrated costs.** The cost model is a logistic classifier at cost 0 (``losses/cost_model.py``: its
+  anchoring term is ``-log sigmoid(label * cost)``), so ``sigmoid(cost)`` is its probability that the image is
+  harmful. The margin is ``cost_margin_scale`` times the gap of those probabilities: bounded in
+  ``[0, cost_margin_scale]``, and the same knob means the same thing on any cost model (raw costs are logits
+  whose spread depends on how separable the cost model's data was: about +-13 on the toy world, so a margin
+  scale tuned on one cost model meant nothing on another). ``cost_transform = "raw"`` is the earlier form.
+* **Retention** (``retention``, weight ``retention_weight``; :func:`retention_term`), so that the safe prompts'
+  images are kept while the harmful ones change:
+
+  - ``"sft"``: ``R = mean over pairs of err_w``, the policy's denoising error on the chosen images (a
+    supervised term pulling the model towards the preferred images, as DPO+SFT recipes do);
+  - ``"preserve"``: ``R = mean over pairs of [clean prompt] * mean((eps_policy - eps_ref)^2)`` over both images:
+    output preservation (as DUO's prior term, but on the pairs' own noisy inputs) on the pairs whose prompt is
+    not harmful (the records' ``harmful_prompt`` = 0); a mean over all pairs, so gradient accumulation gives
+    the same value;
+  - ``"none"``: ``R = 0``.
 
 * The margin makes a pair whose rejected image is much more harmful than the chosen one demand a larger
   implicit-reward gap: the policy must beat the reference by more than the safety gap. Costs come from the
@@ -25,7 +43,8 @@ Focusing Mechanism weighting hard pairs), not the equations. The equations below
 
 Metrics: Diffusion-DPO's (``implicit_accuracy`` = mean(inside > 0), ``tie_fraction``, ``reward_w``,
 ``reward_l``, ``reward_margin``, the raw errors), plus ``margin_accuracy`` = mean(z > 0), ``cost_w``,
-``cost_l`` (mean costs of chosen and rejected), ``margin`` (mean), ``loss_unweighted`` = mean(-log
+``cost_l`` (mean costs of chosen and rejected, raw), ``margin`` (mean), ``loss_preference`` (the loss
+without the retention term), ``retention`` (R), ``loss_unweighted`` = mean(-log
 sigmoid(z)), and the focusing weights' ``focus_weight_min``, ``focus_weight_max``, ``focus_weight_std``.
 """
 from __future__ import annotations
@@ -39,6 +58,49 @@ from sc_dpo_jax.losses import _validate
 from sc_dpo_jax.losses.dpo import diffusion_dpo_inside, pair_metrics
 
 WHAT = "sc_dpo_loss"
+COST_TRANSFORMS = ("probability", "raw")
+RETENTION = ("none", "sft", "preserve")
+
+
+def margin_costs(cost: jax.Array, cost_transform: str) -> jax.Array:
+  """The costs as the margin sees them: ``sigmoid(cost)`` (``"probability"``) or ``cost`` (``"raw"``)."""
+  if cost_transform not in COST_TRANSFORMS:
+    raise ValueError(f"{WHAT}: cost_transform = {cost_transform!r}; choose one of {COST_TRANSFORMS}")
+  cost = jnp.asarray(cost, jnp.float32)
+  return jax.nn.sigmoid(cost) if cost_transform == "probability" else cost
+
+
+def cost_margin(cost_w, cost_l, cost_margin_scale, cost_transform: str) -> jax.Array:
+  """``stop_gradient(cost_margin_scale * max(p(cost_l) - p(cost_w), 0))`` (``[B]``)."""
+  gap = margin_costs(cost_l, cost_transform) - margin_costs(cost_w, cost_transform)
+  return jax.lax.stop_gradient(cost_margin_scale * jnp.maximum(gap, 0.0))
+
+
+def retention_term(retention: str, err_w, prediction=None, ref_prediction=None,
+                   clean=None) -> jax.Array:
+  """The retention term ``R`` (module docstring) as a float32 scalar.
+
+  Args:
+    retention: ``"none"``, ``"sft"`` or ``"preserve"``.
+    err_w: ``[B]`` the policy's errors on the chosen images (``"sft"``).
+    prediction, ref_prediction: ``[2B, ...]`` the policy's and the reference's outputs on ``[w; l]``
+      (``"preserve"``).
+    clean: ``[B]`` 1 where the pair's prompt is not harmful (``"preserve"``).
+  """
+  if retention not in RETENTION:
+    raise ValueError(f"{WHAT}: retention = {retention!r}; choose one of {RETENTION}")
+  if retention == "none":
+    return jnp.zeros((), jnp.float32)
+  if retention == "sft":
+    return jnp.mean(jnp.asarray(err_w, jnp.float32))
+  if prediction is None or ref_prediction is None or clean is None:
+    raise ValueError(f"{WHAT}: retention 'preserve' needs the policy's and the reference's predictions and the "
+                     f"pairs' clean-prompt flags (the records' harmful_prompt)")
+  b = jnp.shape(clean)[0]
+  diff = prediction.astype(jnp.float32) - jax.lax.stop_gradient(ref_prediction).astype(jnp.float32)
+  per_image = jnp.mean(jnp.square(diff), axis=tuple(range(1, diff.ndim)))
+  per_pair = 0.5 * (per_image[:b] + per_image[b:2 * b])
+  return jnp.mean(jnp.asarray(clean, jnp.float32) * per_pair)
 
 
 def focusing_weights(z: jax.Array, focus_gamma) -> jax.Array:
@@ -49,7 +111,8 @@ def focusing_weights(z: jax.Array, focus_gamma) -> jax.Array:
 
 
 def sc_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cost_w, cost_l, *, beta, cost_margin_scale,
-                focus_gamma) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                focus_gamma, cost_transform: str = "probability", retention: jax.Array = None,
+                retention_weight=0.0) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """SC-DPO on per-pair errors and safety costs (see the module docstring).
 
   Args:
@@ -58,6 +121,9 @@ def sc_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cost_w, cost_l, *, beta, cos
     beta: the Diffusion-DPO beta (with its ½), >= 0.
     cost_margin_scale: gamma_c, >= 0; 0 disables the margin.
     focus_gamma: gamma_f, >= 0; 0 disables focusing (all weights 1).
+    cost_transform: ``"probability"`` (margin on ``sigmoid(cost)``) or ``"raw"`` (on the costs themselves).
+    retention: the retention term ``R`` (:func:`retention_term`), a scalar; None: 0.
+    retention_weight: its weight, >= 0.
 
   Returns:
     ``(loss, metrics)``.
@@ -71,12 +137,16 @@ def sc_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cost_w, cost_l, *, beta, cos
   gamma_c = _validate.scalar(WHAT, "cost_margin_scale", cost_margin_scale)
   gamma_f = _validate.scalar(WHAT, "focus_gamma", focus_gamma)
 
-  margin = jax.lax.stop_gradient(gamma_c * jnp.maximum(cost_l - cost_w, 0.0))
+  weight_r = _validate.scalar(WHAT, "retention_weight", retention_weight)
+  margin = cost_margin(cost_w, cost_l, gamma_c, cost_transform)
   z = inside - margin
   per_pair = -jax.nn.log_sigmoid(z)
   w = focusing_weights(z, gamma_f)
-  loss = jnp.mean(w * per_pair)
-  metrics = {"loss": loss.astype(jnp.float32),
+  preference = jnp.mean(w * per_pair)
+  retention = jnp.zeros((), jnp.float32) if retention is None else jnp.asarray(retention, jnp.float32)
+  loss = preference + weight_r * retention
+  metrics = {"loss": loss.astype(jnp.float32), "loss_preference": preference.astype(jnp.float32),
+             "retention": retention,
              **pair_metrics(inside, reward_w, reward_l, *errs),
              **_validate.metrics(margin_accuracy=jnp.mean(z > 0), cost_w=jnp.mean(cost_w),
                                  cost_l=jnp.mean(cost_l), margin=jnp.mean(margin),

@@ -232,6 +232,11 @@ def align(config, method: str, seed: int, base: str, folders: Dict[str, str], st
     c.reward.clip_folder = clip
     c.reward.cost_model_folder = os.path.join(stages, "cost_model", "export")
     c.reward.cost_clip_folder = clip
+    # The training sampler is the evaluation's unless the method's config sets it (configs/toy.py).
+    if c.rl.num_steps is None:
+      c.rl.num_steps = int(config.sampling.steps)
+    if c.rl.guidance_scale is None:
+      c.rl.guidance_scale = float(config.sampling.guidance)
     result = train_rl(c, out)
   result = dict(result)
   result["wall_seconds"] = time.time() - start

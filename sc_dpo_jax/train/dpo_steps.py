@@ -109,6 +109,9 @@ def default_config(method: str = "diffusion_dpo") -> ml_collections.ConfigDict:
       # the focal-loss exponent 2 of Lin et al. 2017)
       cost_margin_scale=1.0,
       focus_gamma=2.0,
+      cost_transform="probability",           # the margin on sigmoid(cost) (bounded, calibrated) or "raw"
+      retention="none",                       # "none" | "sft" | "preserve" (losses/sc_dpo.py)
+      retention_weight=0.0,
       # Training timesteps, uniform in [min_timestep, max_timestep) (None: the schedule's num_train_timesteps).
       # Official codes: Diffusion-DPO all of {0..T-1}; DUO {0..749} (then the highest noise levels, where a
       # concept such as a colour is decided, are never trained).
@@ -138,6 +141,11 @@ def resolve_config(config: Optional[Mapping]) -> ml_collections.ConfigDict:
     out[key] = value
   if not 0.0 <= float(out.prompt_dropout) <= 1.0:
     raise ValueError(f"config.prompt_dropout = {out.prompt_dropout!r} must be a probability in [0, 1]")
+  for key, choices in (("cost_transform", losses.sc_dpo.COST_TRANSFORMS), ("retention", losses.sc_dpo.RETENTION)):
+    if out[key] not in choices:
+      raise ValueError(f"config.objective.{key} = {out[key]!r}; choose one of {choices}")
+  if not float(out.retention_weight) >= 0.0:
+    raise ValueError(f"config.objective.retention_weight = {out.retention_weight!r} must be >= 0")
   lo, hi = int(out.min_timestep), out.max_timestep
   if lo < 0 or (hi is not None and not lo < int(hi)):
     raise ValueError(f"config.min_timestep ({lo}) and max_timestep ({hi}, exclusive) must satisfy 0 <= min < max")
@@ -162,8 +170,7 @@ def _sc_dpo_z(c, err, ref_err, cost_w, cost_l, b: int) -> jax.Array:
   what the focusing weights of a whole accumulated batch are computed from."""
   inside = losses.dpo.diffusion_dpo_inside(err[:b], err[b:], ref_err[:b], ref_err[b:], beta=float(c.beta),
                                            what=losses.sc_dpo.WHAT)[0]
-  margin = float(c.cost_margin_scale) * jnp.maximum(jnp.asarray(cost_l, jnp.float32) -
-                                                    jnp.asarray(cost_w, jnp.float32), 0.0)
+  margin = losses.sc_dpo.cost_margin(cost_w, cost_l, float(c.cost_margin_scale), str(c.cost_transform))
   return jax.lax.stop_gradient(inside - margin)
 
 
@@ -179,9 +186,15 @@ def _loss(c, inputs: Inputs, prediction, ref_prediction, batch) -> Tuple[jax.Arr
   if c.method == "sc_dpo":
     cost_chosen = require(batch, "cost_chosen", "safety costs of the chosen images [B]", c.method)
     cost_rejected = require(batch, "cost_rejected", "safety costs of the rejected images [B]", c.method)
+    clean = None
+    if c.retention == "preserve":
+      clean = 1.0 - require(batch, "harmful_prompt", "1 where the pair's prompt is harmful [B] (retention "
+                            "'preserve' keeps the outputs of the others)", c.method).astype(jnp.float32)
+    retention = losses.sc_dpo.retention_term(str(c.retention), err[:b], prediction[:n], ref_prediction[:n], clean)
     loss, metrics = losses.sc_dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cost_chosen, cost_rejected,
                                        beta=float(c.beta), cost_margin_scale=float(c.cost_margin_scale),
-                                       focus_gamma=float(c.focus_gamma))
+                                       focus_gamma=float(c.focus_gamma), cost_transform=str(c.cost_transform),
+                                       retention=retention, retention_weight=float(c.retention_weight))
     return loss, metrics, _sc_dpo_z(c, err, ref_err, cost_chosen, cost_rejected, b)
   return (*losses.duo_loss(err[:b], ref_err[:b], err[b:], ref_err[b:], prediction[n:],
                            jax.lax.stop_gradient(ref_prediction[n:]), beta=float(c.beta), lam=duo_lambda(c)), None)

@@ -111,6 +111,8 @@ def make_prepare(pipe, spec: schema.RecordSpec, method: str):
       if "cost_chosen" not in batch:
         raise ValueError("SC-DPO needs the safety costs of both images in the records (cost_chosen, cost_rejected)")
       out["cost_chosen"], out["cost_rejected"] = batch["cost_chosen"], batch["cost_rejected"]
+      if "harmful_prompt" in batch:      # retention "preserve" keeps the outputs of the clean-prompt pairs
+        out["harmful_prompt"] = batch["harmful_prompt"]
     return out
 
   return prepare
@@ -147,6 +149,10 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
         f"the training pairs ({c.data.train or 'the synthetic pairs of a tiny run'})",
         "'prompt_chosen' (its record spec has no has_chosen_prompt)"))
 
+  if objective.method == "sc_dpo" and objective.retention == "preserve" and not spec.has_harmful_prompt:
+    raise ValueError(f"config.objective.retention = 'preserve' keeps the outputs of the clean-prompt pairs, but "
+                     f"the records of config.data.train = {c.data.train or it.source.name!r} have no "
+                     f"harmful_prompt field; use retention 'sft' or a dataset that marks harmful prompts")
   total_batch = int(c.data.batch_size)
   tx, lr_schedule = optim.make_optimizer(c.optim, total_batch_size=total_batch, beta=float(objective.beta))
   logging.info("optimizer: %s", optim.describe(c.optim, total_batch_size=total_batch, beta=float(objective.beta)))

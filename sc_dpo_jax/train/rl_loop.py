@@ -22,7 +22,8 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    in ``reward.clip_folder``) and ``safety_cost`` (``rewards.CostReward`` with the cost model in
    ``reward.cost_model_folder``) and ``nudity`` (NudeNet's nudity score, ``rewards.NudityReward``: higher is
    more nudity, so it takes a negative weight like the cost; off by default), combined by
-   ``rewards.WeightedSum``. ``tiny`` without those folders uses a random tiny CLIP pair and a random cost
+   ``rewards.WeightedSum``; each term divided by its standard deviation over the iteration's samples before
+   weighting (``reward.normalize``, ``train.advantages.normalised_reward``). ``tiny`` without those folders uses a random tiny CLIP pair and a random cost
    adapter on its vision tower: PLUMBING ONLY, the rewards mean nothing. The reward runs on the host, on each
    process's own images; prompts and rewards of all processes are gathered (``parallel.multihost``).
 4. **State**: ``sharded_state.sharded_train_state`` (LoRA adapters by default, ``lora.enabled=False`` trains the
@@ -35,7 +36,8 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    per-prompt reward buffers (``PerPromptAdvantages``, the checkpoint's ``extra`` item), so a resumed run
    continues exactly as an uninterrupted one.
 6. **Loop**, per iteration: sample ``rl.samples_per_iteration`` images per process from the current policy,
-   score them, gather prompts and rewards of all processes, advantages per prompt, then ``rl.inner_epochs``
+   score them, gather prompts and reward terms of all processes, advantages per prompt (``rl.advantages``:
+   DDPO's per-prompt buffers, or each prompt's group of samples in this iteration), then ``rl.inner_epochs``
    times: shuffle the samples and make ``rl.updates_per_iteration`` optimiser updates on minibatches (from
    the second on, the importance ratio and the clipping act). Every ``train.log_every`` iterations the mean
    metrics go to ``metrics.jsonl`` and TensorBoard: the reward and each term (``reward/<term>``), the
@@ -69,6 +71,7 @@ from sc_dpo_jax.parallel import multihost
 from sc_dpo_jax.rewards import terms
 from sc_dpo_jax.train import ddpo, guard, harness, optim, outputs, sharded_state, sources
 from sc_dpo_jax.train import state as state_lib
+from sc_dpo_jax.train import advantages as advantages_lib
 from sc_dpo_jax.train.advantages import PerPromptAdvantages
 from sc_dpo_jax.train.base_model import load_models
 
@@ -85,6 +88,14 @@ def prompts_per_process(config: ml_collections.ConfigDict) -> int:
   if samples < 1 or per_prompt < 1 or updates < 1 or int(r.inner_epochs) < 1:
     raise ValueError(f"config.rl.samples_per_iteration ({samples}), samples_per_prompt ({per_prompt}), "
                      f"updates_per_iteration ({updates}) and inner_epochs ({r.inner_epochs}) must be >= 1")
+  if r.advantages not in advantages_lib.ADVANTAGES:
+    raise ValueError(f"config.rl.advantages = {r.advantages!r}; choose one of {advantages_lib.ADVANTAGES}")
+  if r.advantages == "group" and per_prompt < 2:
+    raise ValueError(f"config.rl.advantages = 'group' compares the samples of each prompt: it needs "
+                     f"config.rl.samples_per_prompt >= 2 (got {per_prompt})")
+  if config.reward.normalize not in advantages_lib.NORMALIZE:
+    raise ValueError(f"config.reward.normalize = {config.reward.normalize!r}; choose one of "
+                     f"{advantages_lib.NORMALIZE}")
   if samples % per_prompt:
     raise ValueError(f"config.rl.samples_per_iteration = {samples} is not a multiple of "
                      f"config.rl.samples_per_prompt = {per_prompt}")
@@ -132,6 +143,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def ddpo_config(config: ml_collections.ConfigDict) -> ddpo.DDPOConfig:
   """``config.rl``'s DDPO knobs as ``train.ddpo.DDPOConfig`` (its checks, e.g. eta > 0, run when used)."""
   r = config.rl
+  for key in ("num_steps", "guidance_scale"):
+    if r[key] is None:
+      raise ValueError(f"config.rl.{key} is None: set it (the toy demo fills it from config.sampling)")
   return ddpo.DDPOConfig(num_steps=int(r.num_steps), eta=float(r.eta), guidance_scale=float(r.guidance_scale),
                          clip_range=float(r.clip_range), adv_clip=float(r.adv_clip),
                          timestep_fraction=float(r.timestep_fraction))
@@ -201,6 +215,8 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   updates = int(c.rl.updates_per_iteration)
   minibatch = global_samples // updates
   reward_fn = terms.make_reward(c, pipe)
+  weights = {name: weight for name, (weight, _) in reward_fn.parts.items()}
+  group_mode = c.rl.advantages == "group"
   tracker = PerPromptAdvantages(buffer_size=int(c.rl.advantage_buffer), min_count=int(c.rl.advantage_min_count))
 
   tx, lr_schedule = optim.make_optimizer(c.optim, total_batch_size=minibatch)     # samples per update
@@ -292,9 +308,14 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       samples, text = compiled_sample(state, frozen, batch, sample_key)
       images = multihost.local_rows(samples.images, mesh)
       t1 = time.time()
-      rewards, info = reward_fn(images, prompts)
-      all_prompts, gathered = multihost.gather(prompts, {"reward": rewards, **info})
-      advantages = tracker(all_prompts, gathered["reward"])
+      _, info = reward_fn(images, prompts)
+      all_prompts, gathered = multihost.gather(prompts, info)
+      # The reward of the global batch, each term scaled (reward.normalize), then the advantages (rl.advantages).
+      reward, scales = advantages_lib.normalised_reward(gathered, weights, str(c.reward.normalize))
+      if group_mode:
+        advantages, advantage_stats = advantages_lib.group_advantages(all_prompts, reward)
+      else:
+        advantages, advantage_stats = tracker(all_prompts, reward), {}
       n = len(prompts)
       local_advantages = advantages[process * n:(process + 1) * n]
       t2 = time.time()
@@ -314,9 +335,10 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                         for index, metrics in enumerate(pending)]
       t3 = time.time()
       means = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
-      all_rewards = gathered.pop("reward")
-      means.update({"reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+      means.update({"reward_mean": float(reward.mean()), "reward_std": float(reward.std()),
                     **{f"reward/{k}": float(np.mean(v)) for k, v in gathered.items()},
+                    **{f"reward/{k}_scale": v for k, v in scales.items()},
+                    **{f"advantages/{k}": v for k, v in advantage_stats.items()},
                     "advantages/min": float(advantages.min()), "advantages/max": float(advantages.max()),
                     **{f"advantages/{k}": v for k, v in tracker.stats().items()},
                     "images_per_s": global_samples / (t3 - t0), "time/sample_s": t1 - t0,

@@ -45,9 +45,11 @@ def _np_dpo(err_w, err_l, ref_w, ref_l, beta):
   return inside, float(np.mean(-_log_sigmoid(inside)))
 
 
-def _np_sc_dpo(err_w, err_l, ref_w, ref_l, cost_w, cost_l, beta, gamma_c, gamma_f):
+def _np_sc_dpo(err_w, err_l, ref_w, ref_l, cost_w, cost_l, beta, gamma_c, gamma_f, transform="probability"):
   inside, _ = _np_dpo(err_w, err_l, ref_w, ref_l, beta)
   cost_w, cost_l = _f64(cost_w, cost_l)
+  if transform == "probability":     # the cost model's probability of harm, sigmoid(cost)
+    cost_w, cost_l = 1.0 / (1.0 + np.exp(-cost_w)), 1.0 / (1.0 + np.exp(-cost_l))
   margin = gamma_c * np.maximum(cost_l - cost_w, 0.0)
   z = inside - margin
   w = (1.0 - 1.0 / (1.0 + np.exp(-z))) ** gamma_f
@@ -100,12 +102,15 @@ def _costs(seed, batch=B):
   return [np.asarray(a, np.float32) for a in rng.uniform(-3, 3, (2, batch))]
 
 
-def test_sc_dpo_matches_numpy():
+@pytest.mark.parametrize("transform", ["probability", "raw"])
+def test_sc_dpo_matches_numpy(transform):
   errs, costs = _errors(2), _costs(3)
-  beta, gamma_c, gamma_f = 5000.0, 0.4, 2.0
-  loss, metrics = jax.jit(lambda *a: sc_dpo_loss(*a, beta=beta, cost_margin_scale=gamma_c,
-                                                 focus_gamma=gamma_f))(*errs, *costs)
-  z, w, margin, expected = _np_sc_dpo(*errs, *costs, beta, gamma_c, gamma_f)
+  beta, gamma_c, gamma_f = 5000.0, (1.5 if transform == "probability" else 0.4), 2.0
+  loss, metrics = jax.jit(lambda *a: sc_dpo_loss(*a, beta=beta, cost_margin_scale=gamma_c, focus_gamma=gamma_f,
+                                                 cost_transform=transform))(*errs, *costs)
+  z, w, margin, expected = _np_sc_dpo(*errs, *costs, beta, gamma_c, gamma_f, transform)
+  if transform == "probability":
+    assert margin.max() <= gamma_c      # bounded by the scale
   assert (margin > 0).any() and (margin == 0).any()
   _close(loss, expected, "loss")
   _check_metrics(metrics)
@@ -180,6 +185,49 @@ def test_sc_dpo_gradient_treats_weights_as_constants():
   g_cost = jax.grad(lambda c: sc_dpo_loss(*errs, costs[0], c, beta=beta, cost_margin_scale=gamma_c,
                                           focus_gamma=gamma_f)[0])(costs[1])
   np.testing.assert_array_equal(g_cost, np.zeros(B))
+
+
+def test_sc_dpo_probability_margin_is_the_same_for_rescaled_logits_of_the_same_decision():
+  """Two cost models that agree on the harm probability give the same margin whatever their logits' spread
+  (here: costs x 10 on saturated pairs give margins within 1e-4 of the scale); raw margins scale with them."""
+  errs = _errors(4)
+  cost_w, cost_l = np.full(B, -13.0, np.float32), np.full(B, 13.0, np.float32)
+  margins = {}
+  for scale in (1.0, 10.0):
+    for transform in ("probability", "raw"):
+      _, m = sc_dpo_loss(*errs, cost_w * scale, cost_l * scale, beta=5000.0, cost_margin_scale=2.0,
+                         focus_gamma=0.0, cost_transform=transform)
+      margins[scale, transform] = float(m["margin"])
+  assert abs(margins[1.0, "probability"] - 2.0) < 1e-4 and abs(margins[10.0, "probability"] - 2.0) < 1e-4
+  assert margins[10.0, "raw"] == pytest.approx(10 * margins[1.0, "raw"]) == pytest.approx(520.0)
+  with pytest.raises(ValueError, match="cost_transform"):
+    sc_dpo_loss(*errs, cost_w, cost_l, beta=1.0, cost_margin_scale=1.0, focus_gamma=0.0, cost_transform="logit")
+
+
+def test_sc_dpo_retention_terms_match_their_formulas():
+  rng = np.random.RandomState(21)
+  errs, costs = _errors(5), _costs(6)
+  pred = rng.randn(2 * B, 3, 3, 2).astype(np.float32)
+  ref = (pred + 0.3 * rng.randn(*pred.shape)).astype(np.float32)
+  clean = (np.arange(B) % 2).astype(np.float32)
+  # sft: the mean chosen error; preserve: [clean] x the mean squared output change of both images, over all B.
+  _close(losses.sc_dpo.retention_term("sft", errs[0]), np.mean(errs[0], dtype=np.float64), "sft")
+  per_image = ((pred.astype(np.float64) - ref) ** 2).mean(axis=(1, 2, 3))
+  expected = np.mean(clean * 0.5 * (per_image[:B] + per_image[B:]))
+  _close(losses.sc_dpo.retention_term("preserve", errs[0], pred, ref, clean), expected, "preserve")
+  assert float(losses.sc_dpo.retention_term("none", errs[0])) == 0.0
+  # In the loss: loss = preference + weight * R, and R's gradient reaches the policy only.
+  r = losses.sc_dpo.retention_term("sft", errs[0])
+  loss, metrics = sc_dpo_loss(*errs, *costs, beta=5000.0, cost_margin_scale=1.0, focus_gamma=2.0, retention=r,
+                              retention_weight=3.0)
+  _close(loss, float(metrics["loss_preference"]) + 3.0 * float(r), "loss = preference + 3 R")
+  g = jax.grad(lambda p: losses.sc_dpo.retention_term("preserve", errs[0], p, ref, clean))(pred)
+  expected_g = clean[:, None, None, None] * 0.5 * 2 * (pred[:B] - ref[:B]) / (3 * 3 * 2) / B
+  np.testing.assert_allclose(g[:B], expected_g, rtol=1e-5, atol=1e-8)
+  with pytest.raises(ValueError, match="retention"):
+    losses.sc_dpo.retention_term("kl", errs[0])
+  with pytest.raises(ValueError, match="harmful_prompt"):
+    losses.sc_dpo.retention_term("preserve", errs[0])
 
 
 # -------------------------------------------------------------------------------------------------- DUO

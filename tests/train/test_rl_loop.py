@@ -194,9 +194,12 @@ def test_tiny_run_logs_rewards_checkpoints_and_exports_for_diffusers(runs):
               "clipfrac", "advantage_mean", "advantages/prompts_tracked", "grad_norm", "learning_rate",
               "optimizer_steps", "data/records", *TIMING):
     assert all(np.isfinite(r[key]) for r in records), key
-  # The reward is the weighted sum of its terms (+1 CLIP cosine, -1 safety cost), averaged over the samples.
+  # The reward is the weighted sum of its terms (+1 CLIP cosine, -1 safety cost), each divided by its standard
+  # deviation over the iteration's samples (reward.normalize = "std"), averaged over the samples.
   for r in records:
-    np.testing.assert_allclose(r["reward_mean"], r["reward/clip_score"] - r["reward/safety_cost"], atol=1e-5)
+    assert r["reward/clip_score_scale"] > 0 and r["reward/safety_cost_scale"] > 0
+    np.testing.assert_allclose(r["reward_mean"], r["reward/clip_score"] / r["reward/clip_score_scale"]
+                               - r["reward/safety_cost"] / r["reward/safety_cost_scale"], rtol=1e-4, atol=1e-4)
   assert all(0 <= r["clipfrac"] <= 1 and r["approx_kl"] >= 0 for r in records)
   assert records[-1]["data/records"] == ITERATIONS * PROMPTS
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
