@@ -55,12 +55,21 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
     # The margin on the cost model's harm probabilities (sigmoid of its costs): a harmful pair's is about the
     # whole scale (its rejected image is red with probability ~1, its chosen ~0), a clean pair's about 0.
     c.objective.cost_margin_scale = 2.5
+    # Retention (losses/sc_dpo.py), default variant, direct unsafe rate / retention / safe & intact on unsafe
+    # prompts (base 1.0 / 0.974 / 0.0): none 0.646 / 0.583 / 0.325; sft weight 1: 0.525 / 0.612 / 0.344; sft
+    # weight 10: 0.167 / 0.839 / 0.723 (held-out synonyms 0.083).
+    c.objective.retention = "sft"
+    c.objective.retention_weight = 10.0
   if method == "duo":
     # The official settings (empty prompt, self-attention LoRA, t < 750, prior weight 1e6 * beta / 100) leave
     # the toy model unchanged at any beta tried (500, 100, 50). What moves it: the pair's prompts, LoRA on all
     # attention, every timestep and a prior weight of 1e3: 0.167 / 0.835.
     c.objective.beta = 100.0
-    c.objective.duo_prompts = "given"        # the official --given_prompt: each image under its own prompt
+    # Prompt modes (objective.duo_prompts), default variant, the other settings as here: "given" (the official
+    # --given_prompt: the safe image under its safe prompt) leaves the unsafe prompts' images red (direct
+    # 1.000, safe & intact 0.000, retention 0.940): the safe image never meets the unsafe prompt. "unsafe"
+    # (both images under the unsafe prompt) is what unlearns here: 0.792 direct, 0.198 safe & intact, 0.958.
+    c.objective.duo_prompts = "unsafe"
     c.objective.max_timestep = 1000
     c.objective.duo_lambda = 1e3
   c.lora.targets = "attention"
@@ -117,7 +126,15 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   rl.rl.samples_per_iteration = 32
   rl.rl.samples_per_prompt = 4            # 8 prompts per iteration, 4 samples each: their group's advantages
   rl.rl.advantages = "group"
-  rl.rl.updates_per_iteration = 2
+  rl.rl.updates_per_iteration = 4
+  rl.rl.timestep_fraction = 0.5           # half of each trajectory's 20 transitions per update: half the time
+  rl.rl.clip_range = 0.01                 # DDPO's 1e-4 clips every update after the first of an iteration
+  rl.optim.learning_rate = 3e-3
+  # Measured (20 iterations, unsafe rate on every unsafe set / retention; base 1.0 / 0.974): lr 1e-3 with
+  # clip_score weight 0 or 1: 1.0 / 0.974 (images within 2 grey levels of the base's); lr 3e-3: 1.0 / 0.958;
+  # lr 1e-2: 1.0 / 0.938. The model moves, its safety does not: the base draws red for every sample of a red
+  # prompt (80 of 80 samples at each of guidance 4, 2, 1 with eta 0 and 1), so no group holds a safe sample to
+  # prefer, and a baseline per prompt leaves the expected gradient at zero.
   rl.train.iterations = 20
   rl.train.checkpoint_every = 10
   rl.train.eval_prompts = EVAL_PROMPTS

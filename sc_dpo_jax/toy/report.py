@@ -134,6 +134,17 @@ def _seed_spread(heads_per_seed: List[Mapping[str, Any]]) -> Dict[str, Dict[str,
           for group in ("unsafe_prompts", "safe_prompts")}
 
 
+# What a reader must know to compare the methods fairly (printed under the headline for the methods present).
+METHOD_NOTES = {
+    "diffusion_dpo": "*Diffusion-DPO* trains on SC-DPO's pairs without their costs: half of them (the clean-prompt "
+                     "pairs, both images safe) carry no safety signal, so it is the baseline of a preference "
+                     "method that is not told what is unsafe.",
+    "shielddiff_rl": "*ShieldDiff-style RL* learns only from differences between the samples of one prompt: where "
+                     "the base draws the unsafe concept for every sample of an unsafe prompt, there is none to "
+                     "learn from.",
+}
+
+
 def write_report(out_dir: str, *, world, evaluator, results: Mapping[str, Any],
                  runs: Optional[Mapping[str, Mapping[int, Any]]] = None,
                  method_summaries: Mapping[str, Any], timings: Mapping[str, float], cost_model: Mapping[str, Any],
@@ -205,6 +216,7 @@ def write_report(out_dir: str, *, world, evaluator, results: Mapping[str, Any],
             "is drawn. *Safe & intact*: intact and not unsafe, the success of an aligned model on an unsafe "
             "prompt. *Retention*: intact and in the colour asked for, on safe prompts. Unsafe prompts: "
             + ", ".join(evaluate_lib.UNSAFE_SETS) + "; safe prompts: " + ", ".join(evaluate_lib.SAFE_SETS) + ".",
+            *([""] + [METHOD_NOTES[m] for m in results if m in METHOD_NOTES]),
             "", "## Per set", "",
             "| model | " + " | ".join(c[1] for c in UNSAFE_COLUMNS) + " | safe & intact: direct | "
             "safe & intact: held-out phrasings | retention: safe | retention: held-out phrasings | "

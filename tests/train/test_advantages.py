@@ -59,3 +59,49 @@ def test_bad_input():
     tracker(["a", "b"], [1.0, np.nan])
   with pytest.raises(ValueError, match="min_count"):
     PerPromptAdvantages(buffer_size=4, min_count=8)
+
+
+# -- group advantages and the per-term normalisation -----------------------------------------------------------
+
+
+def test_group_advantages_compare_each_prompts_own_samples():
+  from sc_dpo_jax.train.advantages import group_advantages
+  prompts = ["red"] * 4 + ["blue"] * 4
+  rewards = np.array([-10.0, -9.0, -11.0, -10.0, 5.0, 5.5, 4.5, 5.0])
+  adv, stats = group_advantages(prompts, rewards)
+  centred = rewards - np.repeat([-10.0, 5.0], 4)
+  within = np.sqrt(np.mean(centred ** 2))
+  np.testing.assert_allclose(adv, centred / (within + 1e-6), rtol=1e-6)
+  # The 15-point gap between the prompts never enters: each group's advantages sum to zero.
+  assert abs(adv[:4].sum()) < 1e-5 and abs(adv[4:].sum()) < 1e-5
+  assert stats["groups"] == 2 and stats["within_std"] == pytest.approx(within)
+  assert stats["between_std"] == pytest.approx(7.5)
+  # Interleaved prompts give the same per-sample advantages.
+  order = np.array([0, 4, 1, 5, 2, 6, 3, 7])
+  adv2, _ = group_advantages([prompts[i] for i in order], rewards[order])
+  np.testing.assert_allclose(adv2, adv[order], rtol=1e-6)
+  with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+    group_advantages(["a", "a", "b"], [1.0, 2.0, 3.0])
+  with pytest.raises(ValueError, match="non-finite"):
+    group_advantages(["a", "a"], [1.0, np.nan])
+
+
+def test_normalised_reward_makes_the_weights_mean_what_they_say():
+  from sc_dpo_jax.train.advantages import normalised_reward
+  rng = np.random.RandomState(0)
+  terms = {"clip_score": 0.85 + 0.05 * rng.randn(1000), "safety_cost": 13.0 * rng.randn(1000)}
+  weights = {"clip_score": 1.0, "safety_cost": -1.0}
+  total, scales = normalised_reward(terms, weights, "std")
+  assert scales == pytest.approx({k: v.std() for k, v in terms.items()})
+  np.testing.assert_allclose(total, terms["clip_score"] / scales["clip_score"]
+                             - terms["safety_cost"] / scales["safety_cost"], rtol=1e-5)
+  # Each term now moves the reward by the same amount per standard deviation; raw, the cost swamps CLIP.
+  raw, raw_scales = normalised_reward(terms, weights, "none")
+  assert raw_scales == {"clip_score": 1.0, "safety_cost": 1.0}
+  assert abs(np.corrcoef(raw, terms["clip_score"])[0, 1]) < 0.2
+  assert np.corrcoef(total, terms["clip_score"])[0, 1] > 0.5
+  # A constant term adds a constant (no division by zero).
+  const, _ = normalised_reward({"a": np.ones(4), "b": np.arange(4.0)}, {"a": 1.0, "b": 1.0}, "std")
+  assert np.all(np.isfinite(const))
+  with pytest.raises(ValueError, match="config.reward.normalize"):
+    normalised_reward(terms, weights, "minmax")
