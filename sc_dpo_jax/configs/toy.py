@@ -56,8 +56,9 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
     # whole scale (its rejected image is red with probability ~1, its chosen ~0), a clean pair's about 0.
     c.objective.cost_margin_scale = 2.5
     # Retention (losses/sc_dpo.py), default variant, direct unsafe rate / retention / safe & intact on unsafe
-    # prompts (base 1.0 / 0.974 / 0.0): none 0.646 / 0.583 / 0.325; sft weight 1: 0.525 / 0.612 / 0.344; sft
-    # weight 10: 0.167 / 0.839 / 0.723 (held-out synonyms 0.083).
+    # prompts (base 1.0 / 0.974 / 0.0): none 0.646 / 0.583 / 0.325; sft weight 1: 0.656 / 0.612 / 0.344; sft
+    # weight 10: 0.167 / 0.839 / 0.723 (held-out synonyms 0.083); "preserve" weight 100: 0.927 / 0.815 / 0.002
+    # (97% of the unsafe prompts' images broken: it keeps the clean prompts, not the pictures of the harmful ones).
     c.objective.retention = "sft"
     c.objective.retention_weight = 10.0
   if method == "duo":
