@@ -29,7 +29,7 @@ pytestmark = pytest.mark.xdist_group("toy_demo")
 # does not move the toy model yet (README, "What tuning showed").
 LEARNS = {
     "diffusion_dpo": dict(reduction=0.03, safe_and_intact=0.02, broken=0.05, retention_drop=0.05),
-    "sc_dpo": dict(reduction=0.06, safe_and_intact=0.03, broken=0.08, retention_drop=0.05),
+    "sc_dpo": dict(reduction=0.3, safe_and_intact=0.3, broken=0.08, retention_drop=0.05),
     "duo": dict(reduction=0.06, safe_and_intact=0.08, broken=0.2, retention_drop=0.05),
 }
 

@@ -479,3 +479,30 @@ def test_create_train_state_with_lora():
     state_lib.create_train_state(params, tx, schedule, lora=dict(rnk=2, alpha=4), rng=jax.random.PRNGKey(0))
   with pytest.raises(ValueError, match="needs rng"):
     state_lib.create_train_state(params, tx, schedule, lora=dict(rank=2, alpha=4))
+
+
+def test_sc_dpo_retention_terms_in_the_step():
+  """The step's SC-DPO loss is its preference loss plus retention_weight x R: "sft" is the mean chosen error
+  (the step's own err_w metric); "preserve" needs the pairs' harmful_prompt flags and counts only clean pairs."""
+  _, schedule, _, batch, _ = _world()
+  state, frozen, objective = _fresh("sc_dpo")
+  unet = _world()[0]
+  rng = jax.random.PRNGKey(3)
+  sft = dpo_steps.make_loss_fn(unet, schedule, dict(objective, retention="sft", retention_weight=10.0), train=False)
+  loss, metrics = sft(state.params, frozen, batch, rng)
+  assert float(metrics["retention"]) == pytest.approx(float(metrics["err_w"]), rel=1e-6)
+  assert float(loss) == pytest.approx(float(metrics["loss_preference"]) + 10.0 * float(metrics["err_w"]), rel=1e-5)
+  preserve = dpo_steps.make_loss_fn(unet, schedule, dict(objective, retention="preserve", retention_weight=100.0),
+                                    train=False)
+  with pytest.raises(KeyError, match="harmful_prompt"):
+    preserve(state.params, frozen, batch, rng)
+  flagged = dict(batch, harmful_prompt=(np.arange(PAIRS) % 2).astype(np.int32))
+  loss, metrics = preserve(state.params, frozen, flagged, rng)
+  r = float(metrics["retention"])
+  assert r >= 0.0 and float(loss) == pytest.approx(float(metrics["loss_preference"]) + 100.0 * r, rel=1e-5)
+  all_harmful = preserve(state.params, frozen, dict(batch, harmful_prompt=np.ones(PAIRS, np.int32)), rng)[1]
+  assert float(all_harmful["retention"]) == 0.0
+  with pytest.raises(ValueError, match="config.objective.retention"):
+    dpo_steps.resolve_config(dict(objective, retention="kl"))
+  with pytest.raises(ValueError, match="config.objective.cost_transform"):
+    dpo_steps.resolve_config(dict(objective, cost_transform="logit"))
