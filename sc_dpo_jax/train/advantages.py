@@ -15,8 +15,8 @@ Two ways to turn rewards into advantages (``rl.advantages``):
 iteration's samples before weighting, so ``reward.weights`` say how much each term counts whatever its units
 (a safety cost spanning +-13 next to a CLIP cosine moving by 0.05).
 
-**Per prompt** (DDPO): each prompt keeps a buffer of its last ``buffer_size`` rewards (this batch's included). A reward's advantage is
-``(r - mean) / (std + 1e-6)`` over that buffer once it holds ``min_count`` rewards; before that, over the
+**Per prompt** (DDPO): each prompt keeps a buffer of its last ``buffer_size`` rewards (this batch's included).
+A reward's advantage is ``(r - mean) / (std + 1e-6)`` over that buffer once it holds ``min_count`` rewards; before that, over the
 whole current batch. Clipping to ``±adv_clip`` happens in the loss (``losses.ddpo.ppo_clip_loss``).
 
 The tracker is plain host-side Python: deterministic (no randomness; prompts are processed in order of first

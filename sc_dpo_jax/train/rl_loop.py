@@ -23,8 +23,9 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    ``reward.cost_model_folder``) and ``nudity`` (NudeNet's nudity score, ``rewards.NudityReward``: higher is
    more nudity, so it takes a negative weight like the cost; off by default), combined by
    ``rewards.WeightedSum``; each term divided by its standard deviation over the iteration's samples before
-   weighting (``reward.normalize``, ``train.advantages.normalised_reward``). ``tiny`` without those folders uses a random tiny CLIP pair and a random cost
-   adapter on its vision tower: PLUMBING ONLY, the rewards mean nothing. The reward runs on the host, on each
+   weighting (``reward.normalize``, ``train.advantages.normalised_reward``). ``tiny`` without those folders
+   uses a random tiny CLIP pair and a random cost adapter on its vision tower: PLUMBING ONLY, the rewards mean
+   nothing. The reward runs on the host, on each
    process's own images; prompts and rewards of all processes are gathered (``parallel.multihost``).
 4. **State**: ``sharded_state.sharded_train_state`` (LoRA adapters by default, ``lora.enabled=False`` trains the
    full UNet; DDPO has no reference model, so none is kept), the text encoder and VAE frozen beside it. Two
