@@ -256,6 +256,14 @@ def dpo_step_fn(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mappin
   c = resolve_config(config)
   k = positive_int("config.train.grad_accum_steps", grad_accum_steps)
   d = positive_int("the data-parallel size (config.mesh data x fsdp)", data_parallel)
+  if (k > 1 and c.method == "sc_dpo" and c.retention != "none" and float(c.retention_weight) > 0
+      and float(c.focus_gamma) > 0):
+    # grad_accum combines SC-DPO's micro-batch gradients by their focusing mass, which is exact for the focused
+    # preference term but would weight the retention term's micro-batches unequally.
+    raise ValueError(f"SC-DPO's retention term ({c.retention!r}, weight {c.retention_weight}) with Dynamic "
+                     f"Focusing (focus_gamma = {c.focus_gamma}) is not supported with gradient accumulation "
+                     f"(config.train.grad_accum_steps = {k}): set grad_accum_steps to 1, focus_gamma to 0 "
+                     f"(then micro-batches weigh equally and accumulation is exact) or retention to 'none'")
   grad_fn = jax.value_and_grad(_make_objective(unet, schedule, c, train=True), has_aux=True)
 
   def step(state: state_lib.TrainState, frozen, batch, rng):

@@ -221,6 +221,17 @@ def test_duo_given_prompts_follow_each_pair_into_its_micro_batch():
     jax.eval_shape(step, state, frozen_state, {k: v for k, v in batch.items() if k != "text_states_chosen"}, RNG)
 
 
+def test_sc_dpo_retention_with_focusing_is_refused_under_accumulation():
+  """Accumulation weighs SC-DPO's micro-batches by their focusing mass: exact for the preference term, not for
+  the retention term, so the combination is refused (naming the keys) instead of training something else."""
+  unet, schedule, _, _, _ = _world()
+  objective = dict(RUNS["sc_dpo"][0], retention="sft", retention_weight=10.0)
+  with pytest.raises(ValueError, match=r"retention term \('sft'.*focus_gamma = 2.0.*grad_accum_steps = 4"):
+    dpo_steps.dpo_step_fn(unet, schedule, objective, grad_accum_steps=K)
+  dpo_steps.dpo_step_fn(unet, schedule, objective, grad_accum_steps=1)                  # one pass: fine
+  dpo_steps.dpo_step_fn(unet, schedule, dict(objective, focus_gamma=0.0), grad_accum_steps=K)   # equal masses
+
+
 def test_micro_batches_are_strided():
   x = np.arange(12)
   np.testing.assert_array_equal(grad_accum.split_micro_batches({"x": x}, 3)["x"], [[0, 3, 6, 9], [1, 4, 7, 10],
