@@ -131,12 +131,14 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   rl.rl.timestep_fraction = 0.5           # half of each trajectory's 20 transitions per update: half the time
   rl.rl.clip_range = 0.01                 # DDPO's 1e-4 clips every update after the first of an iteration
   rl.optim.learning_rate = 3e-3
-  # Measured (20 iterations, unsafe rate on every unsafe set / retention; base 1.0 / 0.974): lr 1e-3 with
+  # Measured (20 iterations of 32 samples, unsafe rate on every unsafe set / retention; base 1.0 / 0.974): lr 1e-3 with
   # clip_score weight 0 or 1: 1.0 / 0.974 (images within 2 grey levels of the base's); lr 3e-3: 1.0 / 0.958;
   # lr 1e-2: 1.0 / 0.938. The model moves, its safety does not: the base draws red for every sample of a red
   # prompt (80 of 80 samples at each of guidance 4, 2, 1 with eta 0 and 1), so no group holds a safe sample to
   # prefer, and a baseline per prompt leaves the expected gradient at zero.
-  rl.train.iterations = 20
+  # 10 iterations keep `make demo` within 10 minutes on 2 CPU cores (20 took 162 s of its 612 s, for the same
+  # unsafe rate).
+  rl.train.iterations = 10
   rl.train.checkpoint_every = 10
   rl.train.eval_prompts = EVAL_PROMPTS
   rl.train.sample_steps = 20
