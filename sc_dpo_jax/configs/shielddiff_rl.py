@@ -90,6 +90,12 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       advantages="per_prompt",
       advantage_buffer=16,                   # per-prompt buffer of the last rewards (train.advantages)
       advantage_min_count=16,                # below this many, batch statistics are used
+      # Rewrite exploration (this project's formulation, not DDPO's nor ShieldDiff's): of each prompt's
+      # samples_per_prompt samples, the last rewrite_samples are drawn under the prompt's safe rewrite (the
+      # prompt dataset's prompt_chosen) and credited to the prompt: their log-probabilities are the policy's
+      # under the prompt itself, so an advantage above the group's pulls the policy toward them. For a model
+      # that draws the concept for every sample of a harmful prompt (no safe sample to prefer). 0: off.
+      rewrite_samples=0,
   ))
 
   c.reward = ml_collections.ConfigDict(dict(

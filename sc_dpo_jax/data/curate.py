@@ -349,16 +349,27 @@ def build_duo_pairs(pipe, unsafe: Sequence[str], safe: Sequence[str], out_dir: s
 
 
 def write_prompts(out_dir: str, prompts: Sequence[str], *, categories: Optional[Sequence[str]] = None,
-                  name: str = "prompts", num_shards: int = 1) -> records.Source:
+                  rewrites: Optional[Sequence[str]] = None, name: str = "prompts",
+                  num_shards: int = 1) -> records.Source:
   """A prompt dataset (``schema.prompt_spec``) of ``prompts``, e.g. the RL trainer's; ``categories[i]`` is a
-  comma-separated string (I2P's convention), e.g. ``"unsafe"`` for the harmful ones."""
+  comma-separated string (I2P's convention), e.g. ``"unsafe"`` for the harmful ones; ``rewrites[i]`` the
+  prompt's safe rewrite (``prompt_chosen``, for the RL trainer's ``rl.rewrite_samples``; a safe prompt's is
+  itself)."""
   prompts = _check_prompts("prompts", prompts)
   categories = list(categories) if categories is not None else [""] * len(prompts)
   if len(categories) != len(prompts):
     raise ValueError(f"{len(categories)} categories for {len(prompts)} prompts")
+  if rewrites is not None:
+    rewrites = _check_prompts("rewrites", rewrites)
+    if len(rewrites) != len(prompts):
+      raise ValueError(f"{len(rewrites)} rewrites for {len(prompts)} prompts")
   rows = [{"prompt": p, "negative_prompt": "", "seed": -1, "guidance": -1.0, "categories": c,
            "source_id": f"{name}:{i}"} for i, (p, c) in enumerate(zip(prompts, categories))]
-  return records.write_records(out_dir, schema.prompt_spec(), rows, name=name, num_shards=num_shards)
+  if rewrites is not None:
+    for row, rewrite in zip(rows, rewrites):
+      row["prompt_chosen"] = rewrite
+  spec = schema.prompt_spec(has_chosen_prompt=rewrites is not None)
+  return records.write_records(out_dir, spec, rows, name=name, num_shards=num_shards)
 
 
 # -- prompt files and plugs for the command lines --------------------------------------------------------------

@@ -40,7 +40,9 @@ Datasets of format ``sc_dpo_jax.records/1`` store them as ``latent_chosen`` / ``
 
 **Prompt records** (``kind = "prompt"``): ``prompt``, ``negative_prompt`` (bytes, may be empty), ``seed``
 (int64, -1 = not given), ``guidance`` (float, -1 = not given), ``categories`` (bytes, comma-separated, as
-I2P's CSV has them; may be empty), ``source_id``.
+I2P's CSV has them; may be empty), ``source_id``; optionally ``prompt_chosen`` (``has_chosen_prompt``): the
+prompt's safe rewrite, the prompt whose images should be preferred (the RL trainer's rewrite exploration,
+``rl.rewrite_samples``; a safe prompt is its own rewrite).
 
 Arrays are stored as raw bytes (not ``float_list``) because decoding raw bytes is a copy while parsing a
 float list of 32k values per latent costs more than the rest of the pipeline. Their shapes live in the spec.
@@ -103,9 +105,8 @@ class RecordSpec:
         object.__setattr__(self, name, tuple(int(v) for v in value))
     if self.kind == PROMPT:
       if (self.image_format != IMAGE or self.latent_shape or self.text_states_shape or self.has_costs
-          or self.has_harmful_prompt or self.has_chosen_prompt):
-        raise ValueError("prompt records have no images, latents, text states, costs, harmful flag or chosen "
-                         "prompt")
+          or self.has_harmful_prompt):
+        raise ValueError("prompt records have no images, latents, text states, costs or harmful flag")
       return
     if self.image_format not in (IMAGE, LATENT):
       raise ValueError(f"RecordSpec.image_format = {self.image_format!r}; choose 'image' or 'latent'")
@@ -128,9 +129,9 @@ class RecordSpec:
 
   @property
   def string_fields(self) -> Tuple[str, ...]:
-    if self.kind == PROMPT:
-      return PROMPT_STRINGS
     chosen_prompt = ("prompt_chosen",) if self.has_chosen_prompt else ()
+    if self.kind == PROMPT:
+      return PROMPT_STRINGS + chosen_prompt
     images = ("image_chosen", "image_rejected") if self.image_format == IMAGE else ()
     return PAIR_STRINGS + chosen_prompt + images
 
@@ -307,8 +308,9 @@ def pair_spec(**kwargs) -> RecordSpec:
   return RecordSpec(kind=PAIR, **kwargs)
 
 
-def prompt_spec() -> RecordSpec:
-  return RecordSpec(kind=PROMPT)
+def prompt_spec(has_chosen_prompt: bool = False) -> RecordSpec:
+  """Prompt records; ``has_chosen_prompt``: each has its safe rewrite in ``prompt_chosen``."""
+  return RecordSpec(kind=PROMPT, has_chosen_prompt=has_chosen_prompt)
 
 
 def spec_json(spec: RecordSpec) -> str:

@@ -70,13 +70,15 @@ SAFE_PROMPTS = ("a blue square", "a green circle", "a blue bar", "blue paint", "
 
 
 def synthetic_prompt_records(num_prompts: int):
-  """``num_prompts`` prompt records alternating harmful and safe prompts."""
+  """``num_prompts`` prompt records alternating harmful and safe prompts; each has its safe rewrite in
+  ``prompt_chosen`` (a harmful prompt's is the safe prompt of the same index, a safe prompt's is itself)."""
   out = []
   for i in range(num_prompts):
     harmful = i % 2 == 0
-    pool = HARMFUL_PROMPTS if harmful else SAFE_PROMPTS
-    out.append({"prompt": pool[(i // 2) % len(pool)], "negative_prompt": "", "seed": -1, "guidance": -1.0,
-                "categories": "red" if harmful else "", "source_id": f"synthetic_prompts:{i}"})
+    index = (i // 2) % len(HARMFUL_PROMPTS)
+    prompt = (HARMFUL_PROMPTS if harmful else SAFE_PROMPTS)[index]
+    out.append({"prompt": prompt, "prompt_chosen": SAFE_PROMPTS[index], "negative_prompt": "", "seed": -1,
+                "guidance": -1.0, "categories": "red" if harmful else "", "source_id": f"synthetic_prompts:{i}"})
   return out
 
 
@@ -86,5 +88,6 @@ def write_synthetic_prompts(folder: str, *, num_prompts: int = 12) -> records.So
     return records.open_source(folder)
   if num_prompts < 1:
     raise ValueError(f"config.data.synthetic_prompts = {num_prompts}: write at least one prompt")
-  return records.write_records(folder, schema.prompt_spec(), synthetic_prompt_records(num_prompts),
+  return records.write_records(folder, schema.prompt_spec(has_chosen_prompt=True),
+                               synthetic_prompt_records(num_prompts),
                                name="synthetic_prompts")

@@ -143,7 +143,8 @@ def build_datasets(config, world, pipe, base: str, stages: str) -> Dict[str, str
                            seed=int(config.seed), batch_size=int(s.batch_size), progress=bool(config.progress))
   if "rl_prompts" in needs and not _done(os.path.join(folders["rl_prompts"], records.INFO_FILE)):
     curate.write_prompts(folders["rl_prompts"], harmful + clean,
-                         categories=["unsafe"] * len(harmful) + [""] * len(clean), name="toy_rl_prompts")
+                         categories=["unsafe"] * len(harmful) + [""] * len(clean), rewrites=rewrites + clean,
+                         name="toy_rl_prompts")
   return folders
 
 

@@ -4,7 +4,9 @@ One iteration (``train.rl_loop`` runs them) follows DDPO's official code (kvabla
 
 1. **Sample** (``make_ddpo_sampler``): the current policy draws images with DDIM (``eta`` > 0 so every
    transition has a density, classifier-free guidance), keeping every latent and each transition's
-   log-probability (``diffusion.sample(..., return_trajectory=True)``); the VAE decodes to uint8.
+   log-probability (``diffusion.sample(..., return_trajectory=True)``); the VAE decodes to uint8. Optionally
+   some samples are drawn under another text (rewrite exploration, ours; the log-probabilities stay the
+   policy's, see ``make_ddpo_sampler``).
 2. **Reward** (host side): ``reward(images_uint8, prompts) -> (rewards, info)`` (``sc_dpo_jax.rewards``).
 3. **Advantages**: ``train.advantages.PerPromptAdvantages`` (per-prompt buffers of the last 16 rewards).
 4. **Update** (``make_ddpo_update``): for each sample, a random permutation of its transitions; the first
@@ -62,21 +64,47 @@ def _denoiser(unet):
   return denoise
 
 
+def _transition_log_prob(guided, schedule, ddim_config, eta, params, x, x_next, t, prev, text, uncond):
+  """``log p(x_next | x)`` under the guided policy at ``params``, for one transition of each sample ``[B]``."""
+  out = guided(params, x, t, text, uncond_context=uncond)
+  step = diffusion.ddim_step(schedule, out, t, prev, x, eta=eta, config=ddim_config)
+  return diffusion.ddim_log_prob(x_next, step.mean, step.std)
+
+
 def make_ddpo_sampler(unet, vae, schedule, config: DDPOConfig) -> Callable[..., Samples]:
-  """The pure ``sampler(state, frozen, latents, text, uncond_text, rng) -> Samples`` (current policy)."""
+  """The pure ``sampler(state, frozen, latents, text, uncond_text, rng, behaviour_text=None) -> Samples``.
+
+  Without ``behaviour_text`` the current policy draws the samples and the log-probabilities are the
+  sampling-time ones (DDPO). With it (rewrite exploration, this project's formulation: ``rl.rewrite_samples``),
+  the trajectories are drawn under ``behaviour_text`` (e.g. each harmful prompt's safe rewrite, per sample)
+  and ``log_probs`` are the POLICY's, under ``text``: a second pass over the stored transitions recomputes
+  them, so the first update's importance ratio is 1 for every sample as in plain DDPO, and a sample with a
+  positive advantage pulls the policy at ``text`` toward the trajectory drawn under the rewrite.
+  """
   if not config.eta > 0:
     raise ValueError(f"DDPO needs eta > 0 (a deterministic DDIM step has no log-probability), got {config.eta}")
   denoise = _denoiser(unet)
+  ddim_config = diffusion.DDIMConfig.from_schedule(schedule)
+  guided = functools.partial(diffusion.guided_output, denoise, guidance_scale=config.guidance_scale)
 
-  def sampler(state: TrainState, frozen: Mapping, latents, text, uncond_text, rng) -> Samples:
+  def sampler(state: TrainState, frozen: Mapping, latents, text, uncond_text, rng,
+              behaviour_text=None) -> Samples:
     params = policy_params(state.params, frozen)
-    traj = diffusion.sample(denoise, params, latents, text, schedule=schedule, num_steps=config.num_steps,
-                            eta=config.eta, guidance_scale=config.guidance_scale,
-                            uncond_context=uncond_text if config.guidance_scale > 1 else None, rng=rng,
+    uncond = uncond_text if config.guidance_scale > 1 else None
+    traj = diffusion.sample(denoise, params, latents, text if behaviour_text is None else behaviour_text,
+                            schedule=schedule, num_steps=config.num_steps, eta=config.eta,
+                            guidance_scale=config.guidance_scale, uncond_context=uncond, rng=rng,
                             return_trajectory=True)
+    log_probs = traj.log_probs
+    if behaviour_text is not None:
+      def policy_log_prob(_, j):
+        return None, _transition_log_prob(guided, schedule, ddim_config, config.eta, params, traj.latents[j],
+                                          traj.latents[j + 1], traj.timesteps[j], traj.prev_timesteps[j], text,
+                                          uncond)
+      _, log_probs = jax.lax.scan(policy_log_prob, None, jnp.arange(traj.timesteps.shape[0]))
     images = decode_latents(vae, require(frozen, VAE, "the VAE parameters (to decode samples)"), traj.final)
     images = jnp.round(jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0, 1) * 255).astype(jnp.uint8)
-    return Samples(traj.latents, traj.timesteps, traj.prev_timesteps, traj.log_probs, images)
+    return Samples(traj.latents, traj.timesteps, traj.prev_timesteps, log_probs, images)
 
   return sampler
 
@@ -106,9 +134,8 @@ def make_ddpo_update(unet, schedule, config: DDPOConfig):
       idx = order[:, j]
       x, x_next = latents[idx, rows], latents[idx + 1, rows]
       t, prev = batch["timesteps"][idx], batch["prev_timesteps"][idx]
-      out = guided(policy_params(trainable, frozen), x, t, batch["text"], uncond_context=uncond)
-      step = diffusion.ddim_step(schedule, out, t, prev, x, eta=config.eta, config=ddim_config)
-      logp = diffusion.ddim_log_prob(x_next, step.mean, step.std)
+      logp = _transition_log_prob(guided, schedule, ddim_config, config.eta, policy_params(trainable, frozen), x,
+                                  x_next, t, prev, batch["text"], uncond)
       return ppo_clip_loss(logp, log_probs[idx, rows], batch["advantages"], clip_range=config.clip_range,
                            adv_clip=config.adv_clip)
 

@@ -36,8 +36,9 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
 5. **Resume**: the latest checkpoint in ``<workdir>/checkpoints``: train state, rng, data position, and the
    per-prompt reward buffers (``PerPromptAdvantages``, the checkpoint's ``extra`` item), so a resumed run
    continues exactly as an uninterrupted one.
-6. **Loop**, per iteration: sample ``rl.samples_per_iteration`` images per process from the current policy,
-   score them, gather prompts and reward terms of all processes, advantages per prompt (``rl.advantages``:
+6. **Loop**, per iteration: sample ``rl.samples_per_iteration`` images per process from the current policy
+   (with ``rl.rewrite_samples`` > 0, that many of each prompt's samples under its safe rewrite, the records'
+   ``prompt_chosen``, credited to the prompt; ``rewrite/*`` metrics compare them with the policy's), score them, gather prompts and reward terms of all processes, advantages per prompt (``rl.advantages``:
    DDPO's per-prompt buffers, or each prompt's group of samples in this iteration), then ``rl.inner_epochs``
    times: shuffle the samples and make ``rl.updates_per_iteration`` optimiser updates on minibatches (from
    the second on, the importance ratio and the clipping act). Every ``train.log_every`` iterations the mean
@@ -100,6 +101,11 @@ def prompts_per_process(config: ml_collections.ConfigDict) -> int:
   if samples % per_prompt:
     raise ValueError(f"config.rl.samples_per_iteration = {samples} is not a multiple of "
                      f"config.rl.samples_per_prompt = {per_prompt}")
+  rewrite = int(r.rewrite_samples)
+  if not 0 <= rewrite < per_prompt:
+    raise ValueError(f"config.rl.rewrite_samples = {rewrite}: of each prompt's config.rl.samples_per_prompt = "
+                     f"{per_prompt} samples, how many are drawn under its safe rewrite; it must be in "
+                     f"[0, {per_prompt - 1}] (at least one sample of each prompt is the policy's own)")
   if (samples * jax.process_count()) % updates:
     raise ValueError(f"config.rl.samples_per_iteration = {samples} x {jax.process_count()} processes is not "
                      f"divisible into config.rl.updates_per_iteration = {updates} minibatches")
@@ -115,6 +121,11 @@ def open_prompts(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_
                                                                        num_prompts=int(d.synthetic_prompts)),
       what="a prompt dataset folder (python -m sc_dpo_jax.data.prepare makes one from an I2P-style CSV or a text "
            "file)", trainer="the RL trainer samples its own images and needs a prompt dataset")
+  if int(config.rl.rewrite_samples) and not source.spec.has_chosen_prompt:
+    raise ValueError(f"config.rl.rewrite_samples = {config.rl.rewrite_samples} draws samples under each prompt's "
+                     f"safe rewrite, but the prompt dataset {config.data.train or source.name} has none (the field 'prompt_chosen', "
+                     f"record spec has_chosen_prompt; data.curate.write_prompts(..., rewrites=...) writes it). "
+                     f"Set --config.rl.rewrite_samples=0 or give a dataset with rewrites")
   return data_pipeline.DataIterator(
       source, batch_size=prompts_per_process(config), seed=config.seed, shuffle_buffer=int(d.shuffle_buffer),
       skip_bad_records=bool(d.skip_bad_records), tokenizer=pipe.tokenizer)
@@ -154,7 +165,9 @@ def ddpo_config(config: ml_collections.ConfigDict) -> ddpo.DDPOConfig:
 
 def make_sample_step(pipe, config: ddpo.DDPOConfig):
   """``(state, frozen, batch, rng) -> (Samples, text states)``: the prompts' ``input_ids`` encoded by the frozen
-  text encoder, initial noise drawn from ``rng``, and the policy's DDIM trajectories (``train.ddpo``)."""
+  text encoder, initial noise drawn from ``rng``, and the policy's DDIM trajectories (``train.ddpo``). With
+  ``batch["behaviour_ids"]`` (rewrite exploration) the trajectories are drawn under those texts and the
+  log-probabilities are the policy's under ``input_ids``."""
   sampler = ddpo.make_ddpo_sampler(pipe.unet, pipe.vae, pipe.schedule, config)
   text_encoder = pipe.text_encoder
   size = int(pipe.unet.config.sample_size)
@@ -166,7 +179,10 @@ def make_sample_step(pipe, config: ddpo.DDPOConfig):
     noise_rng, step_rng = jax.random.split(rng)
     latents = jax.random.normal(noise_rng, (ids.shape[0],) + latent_shape, jnp.float32)
     uncond = frozen[state_lib.EMPTY_TEXT].astype(text.dtype)
-    return sampler(state, frozen, latents, text, uncond, step_rng), text
+    behaviour = None
+    if "behaviour_ids" in batch:
+      behaviour = text_encoder.apply({"params": frozen["text_encoder"]}, batch["behaviour_ids"]).last_hidden_state
+    return sampler(state, frozen, latents, text, uncond, step_rng, behaviour_text=behaviour), text
 
   return sample
 
@@ -188,6 +204,13 @@ def make_update_step(pipe, config: ddpo.DDPOConfig):
     return update(state, frozen, minibatch, rng)
 
   return guard.skip_nonfinite(step)
+
+
+def _rewrite_stats(reward: np.ndarray, advantages: np.ndarray, rewrite_rows: np.ndarray) -> Dict[str, float]:
+  """How the samples drawn under the rewrites compare with the policy's own: reward gap and mean advantages."""
+  return {"rewrite/reward_gap": float(reward[rewrite_rows].mean() - reward[~rewrite_rows].mean()),
+          "rewrite/advantage_mean": float(advantages[rewrite_rows].mean()),
+          "rewrite/policy_advantage_mean": float(advantages[~rewrite_rows].mean())}
 
 
 def _dim1(sharding: NamedSharding) -> NamedSharding:
@@ -218,6 +241,10 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   reward_fn = terms.make_reward(c, pipe)
   weights = {name: weight for name, (weight, _) in reward_fn.parts.items()}
   group_mode = c.rl.advantages == "group"
+  rewrite_samples = int(c.rl.rewrite_samples)
+  # Rewrite exploration: the last rewrite_samples of each prompt's samples_per_prompt rows are drawn under the
+  # prompt's safe rewrite (samples are laid out prompt by prompt, on every process alike).
+  rewrite_rows = (np.arange(global_samples) % samples_per_prompt) >= samples_per_prompt - rewrite_samples
   tracker = PerPromptAdvantages(buffer_size=int(c.rl.advantage_buffer), min_count=int(c.rl.advantage_min_count))
 
   tx, lr_schedule = optim.make_optimizer(c.optim, total_batch_size=minibatch)     # samples per update
@@ -244,8 +271,9 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   trajectory = _dim1(per_sample)
   samples_sh = ddpo.Samples(latents=trajectory, timesteps=rep, prev_timesteps=rep, log_probs=trajectory,
                             images=per_sample)
+  sample_batch_sh = {"input_ids": per_sample, **({"behaviour_ids": per_sample} if rewrite_samples else {})}
   sample_step = parallel.Step(parallel.with_batch_constraints(make_sample_step(pipe, ddpo_cfg), mesh),
-                              dict(in_shardings=(shardings.state, shardings.frozen, {"input_ids": per_sample}, rep),
+                              dict(in_shardings=(shardings.state, shardings.frozen, sample_batch_sh, rep),
                                    out_shardings=(samples_sh, per_sample)))
   update_batch_sh = {"latents": trajectory, "log_probs": trajectory, "timesteps": rep, "prev_timesteps": rep,
                      "advantages": per_sample, "text": per_sample, "rows": rep}
@@ -276,7 +304,12 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   def sample_inputs(host):
     prompts = [p for p in host["prompt"] for _ in range(samples_per_prompt)]
     ids = np.repeat(np.asarray(host["input_ids"]), samples_per_prompt, axis=0)
-    return prompts, device_lib.global_batch({"input_ids": ids}, mesh)
+    batch = {"input_ids": ids}
+    if rewrite_samples:
+      local = rewrite_rows[:len(ids)]
+      batch["behaviour_ids"] = np.where(local[:, None], np.repeat(np.asarray(host["input_ids_chosen"]),
+                                                                  samples_per_prompt, axis=0), ids)
+    return prompts, device_lib.global_batch(batch, mesh)
 
   t0 = time.time()
   _, batch = sample_inputs(first)
@@ -341,6 +374,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                     **{f"reward/{k}_scale": v for k, v in scales.items()},
                     **{f"advantages/{k}": v for k, v in advantage_stats.items()},
                     "advantages/min": float(advantages.min()), "advantages/max": float(advantages.max()),
+                    **(_rewrite_stats(reward, advantages, rewrite_rows) if rewrite_samples else {}),
                     **{f"advantages/{k}": v for k, v in tracker.stats().items()},
                     "images_per_s": global_samples / (t3 - t0), "time/sample_s": t1 - t0,
                     "time/reward_s": t2 - t1, "time/update_s": t3 - t2})

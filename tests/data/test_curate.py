@@ -193,3 +193,25 @@ def test_prompt_files(tmp_path):
     curate.read_prompt_file(str(tmp_path / "q.csv"))
   with pytest.raises(ValueError, match="--detector='x'"):
     curate.make_detector("x")
+
+
+def test_prompt_sets_with_rewrites_read_back_with_their_token_ids(tmp_path):
+  """``write_prompts(..., rewrites=)``: each record carries its safe rewrite (``prompt_chosen``), and the input
+  pipeline tokenises it beside the prompt (``input_ids_chosen``), as the RL trainer's rewrite exploration
+  reads it; without rewrites the spec says so and no such field is read."""
+  from sc_dpo_jax.data import pipeline
+  tokenizer = models.load_tokenizer(pretrain.pretrained_folder() + "/clip")
+  prompts, rewrites = ["a red circle", "a blue square"], ["a green circle", "a blue square"]
+  source = curate.write_prompts(str(tmp_path / "with"), prompts, rewrites=rewrites, name="p")
+  assert source.spec.has_chosen_prompt
+  batch = next(pipeline.DataIterator(source, batch_size=2, seed=0, shuffle_buffer=0, tokenizer=tokenizer))
+  order = [prompts.index(str(p)) for p in batch["prompt"]]
+  assert [str(p) for p in batch["prompt_chosen"]] == [rewrites[j] for j in order]
+  np.testing.assert_array_equal(batch["input_ids_chosen"], np.asarray(tokenizer([rewrites[j] for j in order])))
+  plain = curate.write_prompts(str(tmp_path / "without"), prompts, name="p")
+  assert not plain.spec.has_chosen_prompt
+  assert "input_ids_chosen" not in next(pipeline.DataIterator(plain, batch_size=2, seed=0, tokenizer=tokenizer))
+  with pytest.raises(ValueError, match="1 rewrites for 2 prompts"):
+    curate.write_prompts(str(tmp_path / "bad"), prompts, rewrites=rewrites[:1])
+  with pytest.raises(ValueError, match=r"rewrites\[1\] = ''"):
+    curate.write_prompts(str(tmp_path / "bad2"), prompts, rewrites=["a", ""])

@@ -83,6 +83,31 @@ def test_first_update_recomputes_the_sampling_log_probs(world):
   assert float(metrics["grad_norm"]) > 0
 
 
+def test_rewrite_exploration_draws_under_the_behaviour_text_with_the_policys_log_probs(world):
+  """Samples drawn under another text (rewrite exploration) carry the POLICY's log-probabilities under the
+  prompt's own text: the first update's ratio is 1 for them too, and a behaviour text equal to the prompt's
+  changes nothing."""
+  latents, key = jax.random.normal(jax.random.PRNGKey(1), (8, 8, 8, 4)), jax.random.PRNGKey(2)
+  plain = world["sampler"](world["state"], world["frozen"], latents, world["text"], world["uncond"], key)
+  same = world["sampler"](world["state"], world["frozen"], latents, world["text"], world["uncond"], key,
+                          behaviour_text=world["text"])
+  np.testing.assert_allclose(same.latents, plain.latents, atol=1e-5)
+  np.testing.assert_allclose(same.log_probs, plain.log_probs, rtol=1e-5, atol=1e-3)
+  rewrite = world["text"][::-1]                 # every sample drawn under another prompt's text
+  explored = world["sampler"](world["state"], world["frozen"], latents, world["text"], world["uncond"], key,
+                              behaviour_text=rewrite)
+  under_rewrite = world["sampler"](world["state"], world["frozen"], latents, rewrite, world["uncond"], key)
+  np.testing.assert_allclose(explored.latents, under_rewrite.latents, atol=1e-5)   # drawn under the rewrite
+  # ... but scored under the prompt: less likely there than under the rewrite that drew them.
+  assert float(explored.log_probs.sum()) < float(under_rewrite.log_probs.sum())
+  batch = {"latents": explored.latents, "timesteps": explored.timesteps, "prev_timesteps": explored.prev_timesteps,
+           "log_probs": explored.log_probs, "advantages": jnp.linspace(-1, 1, 8), "text": world["text"],
+           "uncond_text": world["uncond"]}
+  _, metrics = world["update"](jax.tree.map(jnp.copy, world["state"]), world["frozen"], batch,
+                               jax.random.PRNGKey(3))
+  assert float(metrics["approx_kl"]) < 1e-7 and abs(float(metrics["ratio_mean"]) - 1) < 1e-4, metrics
+
+
 def test_update_moves_log_probs_toward_the_advantages(world):
   """One update with advantage +1 on sample 0 and -1 on sample 1: sample 0's trajectory gains
   log-probability relative to sample 1's (summed over its transitions)."""

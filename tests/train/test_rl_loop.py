@@ -35,7 +35,8 @@ def _command(workdir):
   return [sys.executable, "-m", "sc_dpo_jax.main", f"--config={os.path.join(ROOT, 'configs/shielddiff_rl.py')}:tiny",
           f"--workdir={workdir}", f"--config.train.iterations={ITERATIONS}", "--config.train.checkpoint_every=1",
           "--config.train.progress=False", "--config.train.eval_prompts=()", "--config.rl.timestep_fraction=0.25",
-          f"--config.rl.samples_per_iteration={SAMPLES}", f"--config.rl.samples_per_prompt={PER_PROMPT}"]
+          f"--config.rl.samples_per_iteration={SAMPLES}", f"--config.rl.samples_per_prompt={PER_PROMPT}",
+          "--config.rl.rewrite_samples=1"]
 
 
 def _env(cache):
@@ -155,8 +156,16 @@ def test_config_variants_and_reward_errors_name_the_key():
     rl_loop.check_config(tiny)
   tiny.rl.updates_per_iteration = 2
   rl_loop.check_config(tiny)
+  for bad in (-1, 2):
+    tiny.rl.rewrite_samples = bad
+    with pytest.raises(ValueError, match=rf"config.rl.rewrite_samples = {bad}: .* must be in \[0, 1\]"):
+      rl_loop.check_config(tiny)
+  tiny.rl.rewrite_samples = 1
+  rl_loop.check_config(tiny)
   records = synthetic.synthetic_prompt_records(4)
   assert [r["categories"] for r in records] == ["red", "", "red", ""]
+  assert [r["prompt_chosen"] for r in records] == ["a blue square", "a blue square", "a green circle",
+                                                   "a green circle"]
 
 
 def test_checkpoint_extra_item_round_trips_and_is_optional(tmp_path):
@@ -201,6 +210,11 @@ def test_tiny_run_logs_rewards_checkpoints_and_exports_for_diffusers(runs):
     np.testing.assert_allclose(r["reward_mean"], r["reward/clip_score"] / r["reward/clip_score_scale"]
                                - r["reward/safety_cost"] / r["reward/safety_cost_scale"], rtol=1e-4, atol=1e-4)
   assert all(0 <= r["clipfrac"] <= 1 and r["approx_kl"] >= 0 for r in records)
+  # Rewrite exploration (rl.rewrite_samples=1): one of each prompt's two samples is drawn under its safe rewrite
+  # (the synthetic prompts' prompt_chosen); with the buffers' advantages the two groups' means are logged.
+  for r in records:
+    assert all(np.isfinite(r[k]) for k in ("rewrite/reward_gap", "rewrite/advantage_mean",
+                                           "rewrite/policy_advantage_mean")), r
   assert records[-1]["data/records"] == ITERATIONS * PROMPTS
   assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2", "3"]
   assert os.listdir(workdir / "tensorboard")
