@@ -1,7 +1,7 @@
 """The toy world: every alignment method on the shipped tiny model, evaluated by an exact judge (``make demo``).
 
   python -m sc_dpo_jax.main --config=configs/toy.py --workdir=workdir/demo
-  python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick       # the DPO family, smaller
+  python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick       # every method, smaller
   python -m sc_dpo_jax.main --config=configs/toy.py:bench --workdir=workdir/bench       # every method, 3 seeds
 
 Any key can be overridden, including each method's whole trainer config, e.g.
@@ -12,8 +12,8 @@ Stages: ``sc_dpo_jax/toy/demo.py``; what the report holds: ``README.md``.
 Every key of the demo, each method's whole trainer config (:func:`toy_config`; the notebook calls it
 directly). Variants: ``default`` (every method, one training seed, ``make demo``), ``bench`` (every method
 trained with each of ``seeds`` 0, 1, 2: the report gives the mean over seeds, their spread and intervals over
-the pooled images) and ``quick`` (the DPO family: Diffusion-DPO, SC-DPO and DUO, on smaller datasets and
-evaluation sets: the learning tests and the notebook's quick mode).
+the pooled images) and ``quick`` (every method on smaller datasets and evaluation sets, sampled with 10 DDIM
+steps instead of 20: the learning tests and the notebook's quick mode).
 """
 import ml_collections
 from ml_collections import config_dict
@@ -37,7 +37,7 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
   c.train.log_every = 20
   c.train.checkpoint_every = 100
   c.train.eval_prompts = EVAL_PROMPTS
-  c.train.sample_steps = 20
+  c.train.sample_steps = 10 if quick else 20
   c.train.sample_guidance = 4.0
   c.lora.enabled = True
   c.lora.rank = 8
@@ -57,10 +57,12 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
     c.objective.cost_margin_scale = 2.5
     # Retention (losses/sc_dpo.py), default variant, direct unsafe rate / retention / safe & intact on unsafe
     # prompts (base 1.0 / 0.974 / 0.0): none 0.646 / 0.583 / 0.325; sft weight 1: 0.656 / 0.612 / 0.344; sft
-    # weight 10: 0.167 / 0.839 / 0.723 (held-out synonyms 0.083); "preserve" weight 100: 0.927 / 0.815 / 0.002
-    # (97% of the unsafe prompts' images broken: it keeps the clean prompts, not the pictures of the harmful ones).
+    # weight 10: 0.167 / 0.839 / 0.723 (held-out synonyms 0.083); 20: 0.052 / 0.901 / 0.883; 40: 0.010 / 0.927 /
+    # 0.935; 80: 0.010 / 0.935 / 0.940; 160: 0.010 / 0.935 / 0.950 (what is lost is the held-out phrasings of
+    # safe prompts, 0.948 -> 0.88; the templates keep 0.99); "preserve" weight 100: 0.927 / 0.815 / 0.002 (97% of
+    # the unsafe prompts' images broken: it keeps the clean prompts, not the pictures of the harmful ones).
     c.objective.retention = "sft"
-    c.objective.retention_weight = 10.0
+    c.objective.retention_weight = 80.0
   if method == "duo":
     # The official settings (empty prompt, self-attention LoRA, t < 750, prior weight 1e6 * beta / 100) leave
     # the toy model unchanged at any beta tried (500, 100, 50). What moves it: the pair's prompts, LoRA on all
@@ -88,13 +90,16 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.base = ml_collections.ConfigDict(dict(
       path=config_dict.placeholder(str),   # a folder with pipeline/ and clip/; default: the shipped one
   ))
-  c.methods = ("diffusion_dpo", "sc_dpo", "duo") if quick else ("diffusion_dpo", "sc_dpo", "duo", "shielddiff_rl")
+  c.methods = ("diffusion_dpo", "sc_dpo", "duo", "shielddiff_rl")
   # Training seeds of every method (each trainer's `seed`: LoRA init, noise, data order); the base model, the
   # cost model and the datasets are shared by all seeds. Several seeds: the report's rates are means over them.
   c.seeds = (0, 1, 2) if variant == "bench" else (0,)
   # Sampling of the datasets and of the evaluation. XLA's attention kernel: the same images as the reference
   # einsum at batch 128 (every pixel of the evaluation's 496 draws) in 14.5 s instead of 20.2 s on 2 CPU cores.
-  c.sampling = ml_collections.ConfigDict(dict(steps=20, guidance=4.0, batch_size=128, attention="xla"))
+  # The quick variant samples with 10 DDIM steps: the base draws what it draws at 20 (direct unsafe 1.0, safe
+  # retention 1.0 and 0.86 in the held-out phrasings on the quick sets, at 10, 12 and 20 steps alike).
+  c.sampling = ml_collections.ConfigDict(dict(steps=10 if quick else 20, guidance=4.0, batch_size=128,
+                                              attention="xla"))
 
   cost = cost_model_config("tiny")
   cost.model.tiny = False
@@ -129,19 +134,28 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   rl.rl.advantages = "group"
   rl.rl.updates_per_iteration = 4
   rl.rl.timestep_fraction = 0.5           # half of each trajectory's 20 transitions per update: half the time
-  rl.rl.clip_range = 0.01                 # DDPO's 1e-4 clips every update after the first of an iteration
+  rl.rl.clip_range = 0.1                  # DDPO's 1e-4 clips every update after the first of an iteration
+  # Rewrite exploration (configs/shielddiff_rl.py): 2 of each prompt's 4 samples drawn under its safe rewrite.
+  # The base draws red for every sample of a red prompt, so without it no group holds a safe sample to prefer.
+  rl.rl.rewrite_samples = 2
+  # The safety term counts 3x the CLIP term (both divided by their std): at 1x the CLIP cosine of the prompt
+  # ("a red circle") prefers the red image, and the rewrite samples' advantage was negative (-0.67 on average).
+  rl.reward.weights.safety_cost = -3.0
   rl.optim.learning_rate = 3e-3
-  # Measured (20 iterations of 32 samples, unsafe rate on every unsafe set / retention; base 1.0 / 0.974): lr 1e-3 with
-  # clip_score weight 0 or 1: 1.0 / 0.974 (images within 2 grey levels of the base's); lr 3e-3: 1.0 / 0.958;
-  # lr 1e-2: 1.0 / 0.938. The model moves, its safety does not: the base draws red for every sample of a red
-  # prompt (80 of 80 samples at each of guidance 4, 2, 1 with eta 0 and 1), so no group holds a safe sample to
-  # prefer, and a baseline per prompt leaves the expected gradient at zero.
-  # 10 iterations keep `make demo` within 10 minutes on 2 CPU cores (20 took 162 s of its 612 s, for the same
-  # unsafe rate).
+  # Measured without rewrite exploration (20 iterations of 32 samples, unsafe rate on every unsafe set /
+  # retention; base 1.0 / 0.974): lr 1e-3: 1.0 / 0.974; lr 3e-3: 1.0 / 0.958; lr 1e-2: 1.0 / 0.938. The model
+  # moves, its safety does not: the base draws red for every sample of a red prompt (80 of 80 samples at each of
+  # guidance 4, 2, 1 with eta 0 and 1; a negative prompt "red" at guidance 4 or 7: 40 of 40, and 37 of 40).
+  # With 2 rewrite samples, safety weight 3 (direct unsafe rate / safe & intact / retention / broken, 10
+  # iterations): clip 0.01, lr 3e-3: 0.917 / 0.060 / 0.896 / 0.065; clip 0.1 (default): 0.729 / 0.208 /
+  # 0.818 / 0.127; clip 0.1, lr 5e-3: 0.333 / 0.260 / 0.477 / 0.417; clip 0.01, lr 1e-2: 0.031 / 0.377 /
+  # 0.388 / 0.469; clip 0.1, 20 iterations: 0.385 / 0.210 / 0.427 / 0.494. More RL buys safety with broken
+  # images: the policy imitates the rewrite trajectories through noisy single-step updates.
+  # 10 iterations: `make demo` stays within 10 minutes on 2 CPU cores, and 20 broke more images (above).
   rl.train.iterations = 10
   rl.train.checkpoint_every = 10
   rl.train.eval_prompts = EVAL_PROMPTS
-  rl.train.sample_steps = 20
+  rl.train.sample_steps = 10 if quick else 20
   rl.train.sample_guidance = 4.0
   c.shielddiff_rl = rl
 

@@ -1,7 +1,7 @@
 """The toy-world benchmark (job ``toy``, ``make demo``): every alignment method on one tiny model, compared.
 
     python -m sc_dpo_jax.main --config=configs/toy.py --workdir=workdir/demo            # the whole comparison
-    python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick     # DPO family, smaller
+    python -m sc_dpo_jax.main --config=configs/toy.py:quick --workdir=workdir/quick     # every method, smaller
     python -m sc_dpo_jax.main --config=configs/toy.py:bench --workdir=workdir/bench     # 3 seeds per method
 
 Stages, each through the same code a Stable Diffusion run uses, each skipped when its output exists (so an

@@ -141,7 +141,9 @@ METHOD_NOTES = {
                      "method that is not told what is unsafe.",
     "shielddiff_rl": "*ShieldDiff-style RL* learns only from differences between the samples of one prompt: where "
                      "the base draws the unsafe concept for every sample of an unsafe prompt, there is none to "
-                     "learn from.",
+                     "learn from. With `rl.rewrite_samples` > 0 (this project's exploration, not ShieldDiff's) "
+                     "some samples are drawn under the prompt's safe rewrite and credited to the prompt: that is "
+                     "advantage-weighted imitation of the rewrite, not an unbiased policy gradient.",
 }
 
 

@@ -311,8 +311,11 @@ def test_a_record_without_its_chosen_prompt_fails_naming_it(tmp_path):
     records.write_records(str(tmp_path / "w"), CHOSEN_SPEC, recs)
   with pytest.raises(RecordError, match=r"field\(s\) \['prompt_chosen'\] are not in the spec"):
     records.write_records(str(tmp_path / "x"), schema.pair_spec(), _pairs(2, prompt_chosen=_chosen_prompt))
-  with pytest.raises(ValueError, match="chosen prompt"):
-    schema.RecordSpec(kind=schema.PROMPT, has_chosen_prompt=True)
+  # Prompt records may carry their safe rewrite (the RL trainer's rewrite exploration); costs they cannot.
+  assert "prompt_chosen" in schema.RecordSpec(kind=schema.PROMPT, has_chosen_prompt=True).string_fields
+  assert "prompt_chosen" not in schema.prompt_spec().string_fields
+  with pytest.raises(ValueError, match="prompt records have no images, latents, text states, costs"):
+    schema.RecordSpec(kind=schema.PROMPT, has_costs=True)
 
 
 def _corrupt(tmp_path, spec, good, bad, name):
