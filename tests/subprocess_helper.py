@@ -32,11 +32,8 @@ Status = Union[int, str, None]
 def environment(env: Optional[Mapping[str, Optional[str]]] = None, *,
                 pythonpath: Iterable[Union[str, os.PathLike]] = ()) -> dict:
   """``os.environ`` with ``pythonpath`` + the repository before the existing ``PYTHONPATH``, ``JAX_PLATFORMS=cpu``,
-  without the XLA_FLAGS tests/conftest.py set for in-process tests only, then ``env`` (``None`` values remove
-  the variable)."""
+  then ``env`` (``None`` values remove the variable)."""
   out = dict(os.environ)
-  if out.pop("SC_DPO_TESTS_FAST_XLA", None):      # tests/conftest.py's in-process flags stay in-process
-    out.pop("XLA_FLAGS", None)
   paths = [str(p) for p in pythonpath] + [ROOT] + [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
   out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
   out["JAX_PLATFORMS"] = "cpu"
