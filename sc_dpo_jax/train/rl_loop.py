@@ -38,9 +38,9 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    continues exactly as an uninterrupted one.
 6. **Loop**, per iteration: sample ``rl.samples_per_iteration`` images per process from the current policy
    (with ``rl.rewrite_samples`` > 0, that many of each prompt's samples under its safe rewrite, the records'
-   ``prompt_chosen``, credited to the prompt; ``rewrite/*`` metrics compare them with the policy's), score them, gather prompts and reward terms of all processes, advantages per prompt (``rl.advantages``:
-   DDPO's per-prompt buffers, or each prompt's group of samples in this iteration), then ``rl.inner_epochs``
-   times: shuffle the samples and make ``rl.updates_per_iteration`` optimiser updates on minibatches (from
+   ``prompt_chosen``, credited to the prompt; ``rewrite/*`` metrics compare them with the policy's), score
+   them, gather prompts and reward terms of all processes, advantages per prompt (``rl.advantages``: DDPO's
+   per-prompt buffers, or each prompt's group of samples in this iteration), then ``rl.inner_epochs`` times: shuffle the samples and make ``rl.updates_per_iteration`` optimiser updates on minibatches (from
    the second on, the importance ratio and the clipping act). Every ``train.log_every`` iterations the mean
    metrics go to ``metrics.jsonl`` and TensorBoard: the reward and each term (``reward/<term>``), the
    update's loss, ``approx_kl``, ``clipfrac``, advantage statistics, gradient norm, images/s and the time of
@@ -123,9 +123,9 @@ def open_prompts(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_
            "file)", trainer="the RL trainer samples its own images and needs a prompt dataset")
   if int(config.rl.rewrite_samples) and not source.spec.has_chosen_prompt:
     raise ValueError(f"config.rl.rewrite_samples = {config.rl.rewrite_samples} draws samples under each prompt's "
-                     f"safe rewrite, but the prompt dataset {config.data.train or source.name} has none (the field 'prompt_chosen', "
-                     f"record spec has_chosen_prompt; data.curate.write_prompts(..., rewrites=...) writes it). "
-                     f"Set --config.rl.rewrite_samples=0 or give a dataset with rewrites")
+                     f"safe rewrite, but the prompt dataset {config.data.train or source.name} has none (the field "
+                     f"'prompt_chosen', record spec has_chosen_prompt; data.curate.write_prompts(..., rewrites=...) "
+                     f"writes it). Set --config.rl.rewrite_samples=0 or give a dataset with rewrites")
   return data_pipeline.DataIterator(
       source, batch_size=prompts_per_process(config), seed=config.seed, shuffle_buffer=int(d.shuffle_buffer),
       skip_bad_records=bool(d.skip_bad_records), tokenizer=pipe.tokenizer)
