@@ -41,7 +41,8 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    ``prompt_chosen``, credited to the prompt; ``rewrite/*`` metrics compare them with the policy's), score
    them, gather prompts and reward terms of all processes, advantages per prompt (``rl.advantages``: DDPO's
    per-prompt buffers, or each prompt's group of samples in this iteration), then ``rl.inner_epochs`` times:
-   shuffle the samples and make ``rl.updates_per_iteration`` optimiser updates on minibatches (from the second on, the importance ratio and the clipping act). Every ``train.log_every`` iterations the mean
+   shuffle the samples and make ``rl.updates_per_iteration`` optimiser updates on minibatches
+   (from the second on, the importance ratio and the clipping act). Every ``train.log_every`` iterations the mean
    metrics go to ``metrics.jsonl`` and TensorBoard: the reward and each term (``reward/<term>``), the
    update's loss, ``approx_kl``, ``clipfrac``, advantage statistics, gradient norm, images/s and the time of
    each phase. Sample grids of ``train.eval_prompts`` every ``train.sample_every`` iterations and at the end;
