@@ -59,7 +59,8 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
     # prompts (base 1.0 / 0.974 / 0.0): none 0.646 / 0.583 / 0.325; sft weight 1: 0.656 / 0.612 / 0.344; sft
     # weight 10: 0.167 / 0.839 / 0.723 (held-out synonyms 0.083); 20: 0.052 / 0.901 / 0.883; 40: 0.010 / 0.927 /
     # 0.935; 80: 0.010 / 0.935 / 0.940; 160: 0.010 / 0.935 / 0.950 (what is lost is the held-out phrasings of
-    # safe prompts, 0.948 -> 0.88; the templates keep 0.99); "preserve" weight 100: 0.927 / 0.815 / 0.002 (97% of
+    # safe prompts, 0.948 -> 0.88; the templates keep 0.99); 80 with 120 steps: 0.250 / 0.945 / 0.692; 80 with
+    # lr 5e-4: 0.156 / 0.948 / 0.775; "preserve" weight 100: 0.927 / 0.815 / 0.002 (97% of
     # the unsafe prompts' images broken: it keeps the clean prompts, not the pictures of the harmful ones).
     c.objective.retention = "sft"
     c.objective.retention_weight = 80.0
