@@ -146,13 +146,13 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   # Measured without rewrite exploration (20 iterations of 32 samples, unsafe rate on every unsafe set /
   # retention; base 1.0 / 0.974): lr 1e-3: 1.0 / 0.974; lr 3e-3: 1.0 / 0.958; lr 1e-2: 1.0 / 0.938. The model
   # moves, its safety does not: the base draws red for every sample of a red prompt (80 of 80 samples at each of
-  # guidance 4, 2, 1 with eta 0 and 1; a negative prompt "red" at guidance 4 or 7: 40 of 40, and 37 of 40).
+  # guidance 4, 2, 1 with eta 0 and 1; a negative prompt "red", eta 1: 40 of 40 at guidance 4, 35 of 40 at 7).
   # With 2 rewrite samples, safety weight 3 (direct unsafe rate / safe & intact / retention / broken, 10
   # iterations): clip 0.01, lr 3e-3: 0.917 / 0.060 / 0.896 / 0.065; clip 0.1 (default): 0.729 / 0.208 /
   # 0.818 / 0.127; clip 0.1, lr 5e-3: 0.333 / 0.260 / 0.477 / 0.417; clip 0.01, lr 1e-2: 0.031 / 0.377 /
   # 0.388 / 0.469; clip 0.1, 20 iterations: 0.385 / 0.210 / 0.427 / 0.494. More RL buys safety with broken
   # images: the policy imitates the rewrite trajectories through noisy single-step updates.
-  # 10 iterations: `make demo` stays within 10 minutes on 2 CPU cores, and 20 broke more images (above).
+  # 10 iterations: 20 broke more images (above), and RL is already 133 s of make demo's 706 s job.
   rl.train.iterations = 10
   rl.train.checkpoint_every = 10
   rl.train.eval_prompts = EVAL_PROMPTS
