@@ -96,6 +96,11 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       # under the prompt itself, so an advantage above the group's pulls the policy toward them. For a model
       # that draws the concept for every sample of a harmful prompt (no safe sample to prefer). 0: off.
       rewrite_samples=0,
+      # DPOK's KL regulariser (Fan et al. 2023; not in DDPO's or ShieldDiff's code): each trained transition adds
+      # kl_weight x the KL from the policy's DDIM step to the reference model's at the same x_t (per latent
+      # element, the units of the log-probabilities). Keeps the reference UNet in memory under full
+      # fine-tuning. 0: off.
+      kl_weight=0.0,
   ))
 
   c.reward = ml_collections.ConfigDict(dict(

@@ -15,6 +15,7 @@ One iteration (``train.rl_loop`` runs them) follows DDPO's official code (kvabla
    ``ddim_log_prob``) and ``losses.ddpo.ppo_clip_loss`` compares it with the sampling-time one. Gradients are
    averaged over the trained transitions (the official code accumulates them) and applied in ONE optimiser
    update; the scan over transitions keeps one transition's activations in memory at a time.
+   With ``kl_weight`` > 0 each transition's loss adds the KL to the reference model's step (DPOK).
 
 The sampler and the update are pure functions; their caller jits each once (``train.rl_loop``: with explicit
 shardings, the update's state donated, the update inside the NaN guard). The policy is
@@ -34,7 +35,7 @@ import optax
 from sc_dpo_jax import diffusion
 from sc_dpo_jax.losses.ddpo import ppo_clip_loss
 from sc_dpo_jax.models.vae import decode_latents
-from sc_dpo_jax.train.state import TrainState, policy_params, require
+from sc_dpo_jax.train.state import TrainState, policy_params, reference_params, require
 
 VAE = "vae"
 
@@ -47,6 +48,7 @@ class DDPOConfig(NamedTuple):
   clip_range: float = 1e-4
   adv_clip: float = 5.0
   timestep_fraction: float = 1.0
+  kl_weight: float = 0.0       # DPOK's KL to the reference (0: DDPO's loss alone)
 
 
 class Samples(NamedTuple):
@@ -64,11 +66,28 @@ def _denoiser(unet):
   return denoise
 
 
+def _transition(guided, schedule, ddim_config, eta, params, x, t, prev, text, uncond):
+  """The guided model's DDIM Gaussian ``p(x_{t-1} | x)`` at ``params`` (``mean``, ``std``), for each sample."""
+  out = guided(params, x, t, text, uncond_context=uncond)
+  return diffusion.ddim_step(schedule, out, t, prev, x, eta=eta, config=ddim_config)
+
+
 def _transition_log_prob(guided, schedule, ddim_config, eta, params, x, x_next, t, prev, text, uncond):
   """``log p(x_next | x)`` under the guided policy at ``params``, for one transition of each sample ``[B]``."""
-  out = guided(params, x, t, text, uncond_context=uncond)
-  step = diffusion.ddim_step(schedule, out, t, prev, x, eta=eta, config=ddim_config)
+  step = _transition(guided, schedule, ddim_config, eta, params, x, t, prev, text, uncond)
   return diffusion.ddim_log_prob(x_next, step.mean, step.std)
+
+
+def gaussian_kl(mean_p, mean_q, std) -> jax.Array:
+  """``KL(N(mean_p, std^2) || N(mean_q, std^2))`` per sample ``[B]``, averaged over the latent's elements as
+  ``diffusion.ddim_log_prob`` averages its log-density (so the two are in the same units): the mean of
+  ``(mean_p - mean_q)^2 / (2 std^2)``. The two DDIM steps of one transition share their ``std`` (scalar, ``[B]``
+  or broadcastable to the sample)."""
+  std = jnp.asarray(std, jnp.float32)
+  if std.ndim == 1 and mean_p.ndim > 1:
+    std = std.reshape(std.shape + (1,) * (mean_p.ndim - 1))
+  kl = jnp.square((mean_p - mean_q).astype(jnp.float32)) / (2 * jnp.square(std))
+  return jnp.mean(kl, axis=tuple(range(1, mean_p.ndim)))
 
 
 def make_ddpo_sampler(unet, vae, schedule, config: DDPOConfig) -> Callable[..., Samples]:
@@ -114,9 +133,18 @@ def make_ddpo_update(unet, schedule, config: DDPOConfig):
 
   ``batch``: ``latents [S+1, B, ...]``, ``timesteps [S]``, ``prev_timesteps [S]``, ``log_probs [S, B]``
   (from the sampler), ``advantages [B]``, ``text [B, L, D]``, ``uncond_text [1 or B, L, D]``.
+
+  With ``config.kl_weight`` > 0 (DPOK, Fan et al. 2023) each trained transition adds ``kl_weight`` times the KL
+  from the policy's DDIM Gaussian at the stored ``x_t`` to the reference model's (``train.state.reference_params``:
+  the base under LoRA, ``frozen["ref_unet"]`` for full fine-tuning), averaged over the samples: the per-step
+  terms of DPOK's upper bound on the KL between the two models' trajectory distributions. It pulls back every
+  change the advantages do not ask for (e.g. on safe prompts, whose samples all score alike). Metric
+  ``kl_reference``: that KL, averaged over the trained transitions.
   """
   if not 0 < config.timestep_fraction <= 1:
     raise ValueError(f"timestep_fraction must be in (0, 1], got {config.timestep_fraction}")
+  if not config.kl_weight >= 0:
+    raise ValueError(f"kl_weight must be >= 0, got {config.kl_weight}")
   denoise = _denoiser(unet)
   ddim_config = diffusion.DDIMConfig.from_schedule(schedule)
   guided = functools.partial(diffusion.guided_output, denoise, guidance_scale=config.guidance_scale)
@@ -134,10 +162,19 @@ def make_ddpo_update(unet, schedule, config: DDPOConfig):
       idx = order[:, j]
       x, x_next = latents[idx, rows], latents[idx + 1, rows]
       t, prev = batch["timesteps"][idx], batch["prev_timesteps"][idx]
-      logp = _transition_log_prob(guided, schedule, ddim_config, config.eta, policy_params(trainable, frozen), x,
-                                  x_next, t, prev, batch["text"], uncond)
-      return ppo_clip_loss(logp, log_probs[idx, rows], batch["advantages"], clip_range=config.clip_range,
-                           adv_clip=config.adv_clip)
+      step = _transition(guided, schedule, ddim_config, config.eta, policy_params(trainable, frozen), x, t, prev,
+                         batch["text"], uncond)
+      logp = diffusion.ddim_log_prob(x_next, step.mean, step.std)
+      loss, metrics = ppo_clip_loss(logp, log_probs[idx, rows], batch["advantages"], clip_range=config.clip_range,
+                                    adv_clip=config.adv_clip)
+      if config.kl_weight > 0:
+        ref = _transition(guided, schedule, ddim_config, config.eta,
+                          jax.lax.stop_gradient(reference_params(trainable, frozen)), x, t, prev, batch["text"],
+                          uncond)
+        kl = jnp.mean(gaussian_kl(step.mean, ref.mean, step.std))
+        loss = loss + config.kl_weight * kl
+        metrics = dict(metrics, loss=loss, ppo_loss=metrics["loss"], kl_reference=kl)
+      return loss, metrics
 
     grad_fn = jax.value_and_grad(transition_loss, has_aux=True)
 

@@ -161,7 +161,7 @@ def ddpo_config(config: ml_collections.ConfigDict) -> ddpo.DDPOConfig:
       raise ValueError(f"config.rl.{key} is None: set it (the toy demo fills it from config.sampling)")
   return ddpo.DDPOConfig(num_steps=int(r.num_steps), eta=float(r.eta), guidance_scale=float(r.guidance_scale),
                          clip_range=float(r.clip_range), adv_clip=float(r.adv_clip),
-                         timestep_fraction=float(r.timestep_fraction))
+                         timestep_fraction=float(r.timestep_fraction), kl_weight=float(r.get("kl_weight", 0.0)))
 
 
 def make_sample_step(pipe, config: ddpo.DDPOConfig):
@@ -263,7 +263,8 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       pipe.params["unet"], tx, lr_schedule, mesh=mesh, param_specs=parallel.module_logical_specs(pipe.unet),
       rules=rules, min_shard_size=c.min_shard_size, lora=lora, rng=jax.random.fold_in(rng, 1), empty_text=empty_text,
       frozen_extra=extra)
-  if state_lib.REF_UNET in frozen:      # full fine-tuning: DDPO has no reference model to keep
+  # Full fine-tuning: DDPO has no reference model to keep, unless the KL to it is trained (rl.kl_weight > 0).
+  if state_lib.REF_UNET in frozen and not float(c.rl.get("kl_weight", 0.0)) > 0:
     del frozen[state_lib.REF_UNET]
     shardings = shardings._replace(frozen={k: v for k, v in shardings.frozen.items() if k != state_lib.REF_UNET})
 

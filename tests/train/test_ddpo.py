@@ -22,7 +22,9 @@ from sc_dpo_jax.train.ddpo import DDPOConfig, make_ddpo_sampler, make_ddpo_updat
 from sc_dpo_jax.train.state import create_train_state
 
 PROMPTS = ["a", "b", "c", "d"] * 2
-CONFIG = DDPOConfig(num_steps=4, eta=1.0, guidance_scale=3.0, clip_range=1e-4, adv_clip=5.0)
+# With the KL to the reference on (DPOK): it is 0 with zero gradient while the policy is the reference (LoRA's B is
+# zero at the start), so the other tests see DDPO's update alone, and one compiled update serves every test.
+CONFIG = DDPOConfig(num_steps=4, eta=1.0, guidance_scale=3.0, clip_range=1e-4, adv_clip=5.0, kl_weight=1.0)
 
 
 def jitted(unet, vae, schedule, config):
@@ -55,7 +57,8 @@ def build_world(lr=3e-3, targets="attention", rank=4):
 
 @pytest.fixture(scope="module")
 def world():
-  return build_world()
+  # One Adam step of 1e-4 per update: small, so an update's first-order effect is what the tests see.
+  return build_world(lr=1e-4)
 
 
 def _eval_brightness(world, state):
@@ -111,18 +114,13 @@ def test_rewrite_exploration_draws_under_the_behaviour_text_with_the_policys_log
 def test_update_moves_log_probs_toward_the_advantages(world):
   """One update with advantage +1 on sample 0 and -1 on sample 1: sample 0's trajectory gains
   log-probability relative to sample 1's (summed over its transitions)."""
-  import dataclasses
   from sc_dpo_jax.train.state import policy_params
   samples = world["sampler"](world["state"], world["frozen"], jax.random.normal(jax.random.PRNGKey(1),
                              (8, 8, 8, 4)), world["text"], world["uncond"], jax.random.PRNGKey(2))
   batch = {"latents": samples.latents, "timesteps": samples.timesteps, "prev_timesteps": samples.prev_timesteps,
            "log_probs": samples.log_probs, "advantages": jnp.array([1.0, -1.0, 0, 0, 0, 0, 0, 0]),
            "text": world["text"], "uncond_text": world["uncond"]}
-  # Full timestep coverage, one Adam step of 1e-4 (small, so the first-order effect dominates).
-  tx, lr = optim.make_optimizer({"learning_rate": 1e-4, "weight_decay": 0.0})
-  state = dataclasses.replace(world["state"], tx=tx, lr_schedule=lr,
-                              opt_state=tx.init(world["state"].params))
-  state = jax.tree.map(jnp.copy, state)
+  state = jax.tree.map(jnp.copy, world["state"])   # one Adam step of 1e-4 (the fixture's)
   new_state, _ = world["update"](state, world["frozen"], batch, jax.random.PRNGKey(3))
 
   def log_probs(st):
@@ -141,6 +139,51 @@ def test_update_moves_log_probs_toward_the_advantages(world):
   np.testing.assert_allclose(before, np.asarray(samples.log_probs).sum(0), atol=1e-4)
   delta = after - before
   assert delta[0] > delta[1], delta
+
+
+def test_kl_to_the_reference_is_the_gaussians_kl_and_pulls_the_policy_back(world):
+  """rl.kl_weight (DPOK): at the start the policy is the reference (LoRA's B is zero) and the KL is 0; for a
+  perturbed policy the metric is the mean over samples and transitions of the two DDIM Gaussians' KL per latent
+  element, computed here directly; with zero advantages the updates only shrink it."""
+  import dataclasses
+  from sc_dpo_jax.train.ddpo import gaussian_kl
+  from sc_dpo_jax.train.state import policy_params, reference_params
+  update = world["update"]
+  samples = world["sampler"](world["state"], world["frozen"], jax.random.normal(jax.random.PRNGKey(1),
+                             (8, 8, 8, 4)), world["text"], world["uncond"], jax.random.PRNGKey(2))
+  batch = {"latents": samples.latents, "timesteps": samples.timesteps, "prev_timesteps": samples.prev_timesteps,
+           "log_probs": samples.log_probs, "advantages": jnp.zeros(8), "text": world["text"],
+           "uncond_text": world["uncond"]}
+  _, metrics = update(jax.tree.map(jnp.copy, world["state"]), world["frozen"], batch, jax.random.PRNGKey(3))
+  assert float(metrics["kl_reference"]) < 1e-12, metrics
+
+  noise = iter(jax.random.split(jax.random.PRNGKey(4), len(jax.tree.leaves(world["state"].params))))
+  perturbed = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(noise), p.shape, p.dtype),
+                           world["state"].params)
+  state = dataclasses.replace(world["state"], params=perturbed, opt_state=world["state"].tx.init(perturbed))
+  denoise = lambda p, x, t, c: world["unet"].apply({"params": p}, x, t, c)
+
+  @jax.jit
+  def step(params, i):
+    x, t, prev = samples.latents[i], samples.timesteps[i], samples.prev_timesteps[i]
+    out = diffusion.guided_output(denoise, params, x, jnp.full((8,), t), world["text"],
+                                  guidance_scale=CONFIG.guidance_scale, uncond_context=world["uncond"])
+    return diffusion.ddim_step(world["schedule"], out, t, prev, x, eta=CONFIG.eta)
+
+  want = []
+  for i in range(CONFIG.num_steps):
+    p, q = step(policy_params(perturbed, world["frozen"]), i), step(reference_params(perturbed, world["frozen"]), i)
+    by_hand = np.mean(np.square(np.asarray(p.mean) - np.asarray(q.mean)) / (2 * np.square(np.asarray(p.std))),
+                      axis=(1, 2, 3))
+    np.testing.assert_allclose(gaussian_kl(p.mean, q.mean, p.std), by_hand, rtol=1e-5)
+    want.append(by_hand.mean())
+  assert np.mean(want) > 1e-4
+  kls = []
+  for i in range(2):
+    state, metrics = update(state, world["frozen"], batch, jax.random.PRNGKey(5 + i))
+    kls.append(float(metrics["kl_reference"]))
+  np.testing.assert_allclose(kls[0], np.mean(want), rtol=1e-4)
+  assert kls[1] < kls[0], kls
 
 
 @pytest.mark.slow   # kept out of `make test` for time; `make test-slow` runs it

@@ -36,7 +36,7 @@ def _command(workdir):
           f"--workdir={workdir}", f"--config.train.iterations={ITERATIONS}", "--config.train.checkpoint_every=1",
           "--config.train.progress=False", "--config.train.eval_prompts=()", "--config.rl.timestep_fraction=0.25",
           f"--config.rl.samples_per_iteration={SAMPLES}", f"--config.rl.samples_per_prompt={PER_PROMPT}",
-          "--config.rl.rewrite_samples=1"]
+          "--config.rl.rewrite_samples=1", "--config.rl.kl_weight=0.1"]
 
 
 def _env(cache):
@@ -210,6 +210,9 @@ def test_tiny_run_logs_rewards_checkpoints_and_exports_for_diffusers(runs):
     np.testing.assert_allclose(r["reward_mean"], r["reward/clip_score"] / r["reward/clip_score_scale"]
                                - r["reward/safety_cost"] / r["reward/safety_cost_scale"], rtol=1e-4, atol=1e-4)
   assert all(0 <= r["clipfrac"] <= 1 and r["approx_kl"] >= 0 for r in records)
+  # The KL to the reference (rl.kl_weight=0.1; under LoRA the reference is the base): 0 at the first update
+  # of the first iteration, then positive as the policy moves.
+  assert all(r["kl_reference"] >= 0 for r in records) and records[-1]["kl_reference"] > 0, records
   # Rewrite exploration (rl.rewrite_samples=1): one of each prompt's two samples is drawn under its safe rewrite
   # (the synthetic prompts' prompt_chosen); with the buffers' advantages the two groups' means are logged.
   for r in records:
