@@ -142,16 +142,25 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   # The safety term counts 3x the CLIP term (both divided by their std): at 1x the CLIP cosine of the prompt
   # ("a red circle") prefers the red image, and the rewrite samples' advantage was negative (-0.67 on average).
   rl.reward.weights.safety_cost = -3.0
-  rl.optim.learning_rate = 3e-3
+  # DPOK's KL to the reference (rl.kl_weight): at lr 5e-3 it turns RL's broken images back into intact ones
+  # (direct unsafe rate / safe & intact / retention / broken, 10 iterations): no KL: 0.333 / 0.260 / 0.477 /
+  # 0.417; KL 0.03: 0.281 / 0.467 / 0.674 / 0.173; **KL 0.1: 0.594 / 0.363 / 0.875 / 0.060** (the default:
+  # better on all four than the previous default, lr 3e-3 without KL: 0.729 / 0.208 / 0.818 / 0.127); KL 1 and
+  # 10: the model does not move (1.000 / 0.000 / 0.958 and 0.977 / 0.000).
+  # The quick variant keeps the previous default (no KL, lr 3e-3): at its 10 DDIM steps KL 0.1 and lr 5e-3 held
+  # the model still (direct reduction 0.031, safe & intact 0.013 in quick mode; without KL: 0.594 / 0.362).
+  rl.rl.kl_weight = 0.0 if quick else 0.1
+  rl.optim.learning_rate = 3e-3 if quick else 5e-3
   # Measured without rewrite exploration (20 iterations of 32 samples, unsafe rate on every unsafe set /
   # retention; base 1.0 / 0.974): lr 1e-3: 1.0 / 0.974; lr 3e-3: 1.0 / 0.958; lr 1e-2: 1.0 / 0.938. The model
   # moves, its safety does not: the base draws red for every sample of a red prompt (80 of 80 samples at each of
   # guidance 4, 2, 1 with eta 0 and 1; a negative prompt "red", eta 1: 40 of 40 at guidance 4, 35 of 40 at 7).
-  # With 2 rewrite samples, safety weight 3 (direct unsafe rate / safe & intact / retention / broken, 10
-  # iterations): clip 0.01, lr 3e-3: 0.917 / 0.060 / 0.896 / 0.065; clip 0.1 (default): 0.729 / 0.208 /
+  # With 2 rewrite samples, safety weight 3, no KL (direct unsafe rate / safe & intact / retention / broken, 10
+  # iterations): clip 0.01, lr 3e-3: 0.917 / 0.060 / 0.896 / 0.065; clip 0.1, lr 3e-3: 0.729 / 0.208 /
   # 0.818 / 0.127; clip 0.1, lr 5e-3: 0.333 / 0.260 / 0.477 / 0.417; clip 0.01, lr 1e-2: 0.031 / 0.377 /
   # 0.388 / 0.469; clip 0.1, 20 iterations: 0.385 / 0.210 / 0.427 / 0.494. More RL buys safety with broken
-  # images: the policy imitates the rewrite trajectories through noisy single-step updates.
+  # images: the policy imitates the rewrite trajectories through noisy single-step updates; the KL (above)
+  # holds the images while it does.
   # 10 iterations: 20 broke more images (above), and RL is already 133 s of make demo's 706 s job.
   rl.train.iterations = 10
   rl.train.checkpoint_every = 10

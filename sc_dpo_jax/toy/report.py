@@ -143,7 +143,9 @@ METHOD_NOTES = {
                      "the base draws the unsafe concept for every sample of an unsafe prompt, there is none to "
                      "learn from. With `rl.rewrite_samples` > 0 (this project's exploration, not ShieldDiff's) "
                      "some samples are drawn under the prompt's safe rewrite and credited to the prompt: that is "
-                     "advantage-weighted imitation of the rewrite, not an unbiased policy gradient.",
+                     "advantage-weighted imitation of the rewrite, not an unbiased policy gradient. With "
+                     "`rl.kl_weight` > 0 (DPOK's regulariser) each update also pulls the policy's denoising steps "
+                     "toward the base model's.",
 }
 
 
