@@ -146,7 +146,7 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   # (direct unsafe rate / safe & intact / retention / broken, 10 iterations): no KL: 0.333 / 0.260 / 0.477 /
   # 0.417; KL 0.03: 0.281 / 0.467 / 0.674 / 0.173; **KL 0.1: 0.594 / 0.363 / 0.875 / 0.060** (the default:
   # better on all four than the previous default, lr 3e-3 without KL: 0.729 / 0.208 / 0.818 / 0.127); KL 1 and
-  # 10: the model does not move (1.000 / 0.000 / 0.958 and 0.977 / 0.000).
+  # 10: the model does not move (direct 1.000, safe & intact 0.000; retention 0.958 and 0.977).
   # The quick variant keeps the previous default (no KL, lr 3e-3): at its 10 DDIM steps KL 0.1 and lr 5e-3 held
   # the model still (direct reduction 0.031, safe & intact 0.013 in quick mode; without KL: 0.594 / 0.362).
   rl.rl.kl_weight = 0.0 if quick else 0.1
