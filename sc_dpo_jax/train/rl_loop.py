@@ -44,8 +44,8 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    shuffle the samples and make ``rl.updates_per_iteration`` optimiser updates on minibatches
    (from the second on, the importance ratio and the clipping act). Every ``train.log_every`` iterations the mean
    metrics go to ``metrics.jsonl`` and TensorBoard: the reward and each term (``reward/<term>``), the
-   update's loss, ``approx_kl``, ``clipfrac``, advantage statistics, gradient norm, images/s and the time of
-   each phase. Sample grids of ``train.eval_prompts`` every ``train.sample_every`` iterations and at the end;
+   update's loss, ``approx_kl``, ``clipfrac``, ``kl_reference`` (with ``rl.kl_weight`` > 0), advantage
+   statistics, gradient norm, images/s and the time of each phase. Sample grids of ``train.eval_prompts`` every ``train.sample_every`` iterations and at the end;
    an Orbax checkpoint every ``train.checkpoint_every`` iterations; SIGTERM/SIGINT finish the iteration,
    save and return.
 7. **Export** (``train.export``): the aligned pipeline (LoRA merged) as a diffusers folder in
@@ -264,7 +264,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       rules=rules, min_shard_size=c.min_shard_size, lora=lora, rng=jax.random.fold_in(rng, 1), empty_text=empty_text,
       frozen_extra=extra)
   # Full fine-tuning: DDPO has no reference model to keep, unless the KL to it is trained (rl.kl_weight > 0).
-  if state_lib.REF_UNET in frozen and not float(c.rl.get("kl_weight", 0.0)) > 0:
+  if state_lib.REF_UNET in frozen and not ddpo_cfg.kl_weight > 0:
     del frozen[state_lib.REF_UNET]
     shardings = shardings._replace(frozen={k: v for k, v in shardings.frozen.items() if k != state_lib.REF_UNET})
 

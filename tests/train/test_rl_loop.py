@@ -210,8 +210,8 @@ def test_tiny_run_logs_rewards_checkpoints_and_exports_for_diffusers(runs):
     np.testing.assert_allclose(r["reward_mean"], r["reward/clip_score"] / r["reward/clip_score_scale"]
                                - r["reward/safety_cost"] / r["reward/safety_cost_scale"], rtol=1e-4, atol=1e-4)
   assert all(0 <= r["clipfrac"] <= 1 and r["approx_kl"] >= 0 for r in records)
-  # The KL to the reference (rl.kl_weight=0.1; under LoRA the reference is the base): 0 at the first update
-  # of the first iteration, then positive as the policy moves.
+  # The KL to the reference (rl.kl_weight=0.1; under LoRA the reference is the base) is logged, never negative,
+  # and positive once the policy has moved.
   assert all(r["kl_reference"] >= 0 for r in records) and records[-1]["kl_reference"] > 0, records
   # Rewrite exploration (rl.rewrite_samples=1): one of each prompt's two samples is drawn under its safe rewrite
   # (the synthetic prompts' prompt_chosen); with the buffers' advantages the two groups' means are logged.
