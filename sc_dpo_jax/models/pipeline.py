@@ -9,10 +9,15 @@
 
 Sampling is DDIM (``diffusion.sampling``) whatever scheduler class the folder names: its betas, prediction type,
 timestep spacing and offsets are used. Every model runs through ``apply`` with its parameters passed to a
-jitted function (never closed over); compiled programs are cached per (batch, size, steps, eta, guidance on/off).
+jitted function (never closed over); compiled programs are cached per (batch, size, steps, eta, guidance on/off,
+safety guidance off or its numeric settings).
 The folder's ``safety_checker``/``feature_extractor`` components are not loaded (this project measures safety
 with its own detectors) and are written as absent. Folders may be local or ``gs://`` URIs (``models.storage``): a
 trainer's export lands in a bucket workdir and loads back from it.
+
+``generate(..., safety="medium")`` samples with Safe Latent Diffusion (``diffusion.safe_guidance``: a preset
+name or an ``SLDConfig``), diffusers' ``StableDiffusionPipelineSafe`` guidance: every step runs the UNet on
+[negative prompt, prompt, safety concept] in one batch. It needs guidance > 1; ``edit`` does not offer it.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sc_dpo_jax import diffusion
+from sc_dpo_jax.diffusion import safe_guidance
 from sc_dpo_jax.models import clip_io, io, storage, tokenizer as tokenizer_lib, vae_io, weights
 from sc_dpo_jax.models.clip import CLIPTextModel
 from sc_dpo_jax.models.tokenizer import Tokenizer
@@ -68,15 +74,23 @@ class StableDiffusion:
   def generate(self, prompts: Union[str, Sequence[str]], *, seed: int = 0, steps: int = 50,
                guidance: float = 7.5, eta: float = 0.0, negative_prompt: Union[None, str, Sequence[str]] = None,
                height: Optional[int] = None, width: Optional[int] = None, latents=None,
-               batch_size: int = 8, output: str = "uint8", progress: bool = True) -> np.ndarray:
+               batch_size: int = 8, output: str = "uint8", progress: bool = True,
+               safety: Union[None, str, safe_guidance.SLDConfig] = None) -> np.ndarray:
     """Images for ``prompts``: uint8 ``[N, H, W, 3]`` (``output="float"``: float32 in [0, 1]).
 
     Image ``i`` starts from noise drawn with ``fold_in(PRNGKey(seed), i)``, so it does not depend on the
     batch size (with ``eta > 0`` the step noise is drawn per batch). ``latents`` (NHWC ``[N, h, w, C]``) replace
     the drawn initial noise, e.g. to reproduce another implementation's run.
+
+    ``safety``: Safe Latent Diffusion (``diffusion.safe_guidance``): ``None`` (off), a preset name
+    (``"weak"``, ``"medium"``, ``"strong"``, ``"max"``) or an ``SLDConfig``; it needs ``guidance > 1``.
     """
     prompts, negatives = self._prompts(prompts, negative_prompt)
     _check_sampling(steps, guidance, eta)
+    safety = safe_guidance.resolve(safety)
+    if safety is not None and not guidance > 1.0:
+      raise ValueError(f"safety guidance (SLD) acts through classifier-free guidance: it needs guidance > 1, "
+                       f"got guidance = {guidance}")
     shape = self._latent_shape(height, width)
     key = jax.random.PRNGKey(seed)
     if latents is None:
@@ -86,7 +100,7 @@ class StableDiffusion:
                        "(NHWC, one per prompt)")
     return self._run_batches(prompts, negatives, np.asarray(latents, np.float32), None, key, steps=steps,
                              guidance=guidance, eta=eta, strength=None, batch_size=batch_size, output=output,
-                             progress=progress)
+                             progress=progress, safety=safety)
 
   def initial_noise(self, seed: int, indices: Sequence[int], *, height: Optional[int] = None,
                     width: Optional[int] = None) -> np.ndarray:
@@ -99,9 +113,13 @@ class StableDiffusion:
   def edit(self, images, prompts: Union[str, Sequence[str]], *, strength: float = 0.75, seed: int = 0,
            steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
            negative_prompt: Union[None, str, Sequence[str]] = None, batch_size: int = 8, output: str = "uint8",
-           progress: bool = True) -> np.ndarray:
+           progress: bool = True, safety=None) -> np.ndarray:
     """SDEdit (img2img): noise ``images`` (uint8 or float in [0, 1], NHWC) to ``strength`` of the way and
-    denoise them under ``prompts``. Same outputs as ``generate``."""
+    denoise them under ``prompts``. Same outputs as ``generate``. Safe Latent Diffusion (``safety``) is only
+    offered by ``generate``."""
+    if safety is not None:
+      raise NotImplementedError(f"edit (SDEdit) does not support safety guidance (safety={safety!r}); SLD is "
+                                "available in generate(..., safety=...)")
     prompts, negatives = self._prompts(prompts, negative_prompt)
     _check_sampling(steps, guidance, eta)
     if not 0.0 < strength <= 1.0:
@@ -137,13 +155,17 @@ class StableDiffusion:
     return (height // f, width // f, int(self.unet.config.in_channels))
 
   def _run_batches(self, prompts, negatives, latents, images, key, *, steps, guidance, eta, strength,
-                   batch_size, output, progress):
+                   batch_size, output, progress, safety=None):
     if output not in ("uint8", "float"):
       raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
     if batch_size < 1:
       raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    # The program reads SLD's numbers, not its concept (whose token ids are an input): key it on the numbers.
+    sld_key = None if safety is None else dataclasses.replace(safety, concept=safe_guidance.DEFAULT_SAFETY_CONCEPT)
     fn = _sampler(self.text_encoder, self.unet, self.vae, self.schedule, steps=int(steps), eta=float(eta),
-                  use_guidance=guidance > 1.0, strength=None if images is None else float(strength))
+                  use_guidance=guidance > 1.0, strength=None if images is None else float(strength),
+                  safety=sld_key)
+    extra = () if safety is None else (self.tokenizer([safety.concept]),)
     out = []
     starts = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress or
@@ -155,7 +177,7 @@ class StableDiffusion:
       if len(starts) > 1 and n < batch_size:   # one program for every batch: pad the last one, then drop it
         ids, neg_ids, init = (np.concatenate([a, np.repeat(a[-1:], batch_size - n, axis=0)])
                               for a in (np.asarray(ids), np.asarray(neg_ids), np.asarray(init)))
-      batch = fn(self.params, ids, neg_ids, init, jnp.float32(guidance), jax.random.fold_in(key, b))
+      batch = fn(self.params, ids, neg_ids, init, jnp.float32(guidance), jax.random.fold_in(key, b), *extra)
       out.append(np.asarray(batch)[:n])
     result = np.concatenate(out)
     if output == "uint8":
@@ -205,14 +227,31 @@ def _encode_text(text_encoder, params, ids):
 
 
 @functools.lru_cache(maxsize=32)
-def _sampler(text_encoder, unet, vae, schedule, *, steps, eta, use_guidance, strength):
+def _sampler(text_encoder, unet, vae, schedule, *, steps, eta, use_guidance, strength, safety=None):
   """A jitted ``(params, ids, neg_ids, init, guidance, rng) -> images in [0, 1]`` for fixed static settings.
 
   ``init`` is the initial noise (``strength`` None: text to image) or the images in [0, 1] to edit (SDEdit
-  with ``strength``)."""
+  with ``strength``). With ``safety`` (an ``SLDConfig``; text to image with guidance only) the function takes
+  the safety concept's token ids ``[1, L]`` as a seventh argument and samples with Safe Latent Diffusion."""
 
   def denoise(unet_params, x, t, context):
     return unet.apply({"params": unet_params}, x, t, context)
+
+  if safety is not None:
+    if strength is not None or not use_guidance:
+      raise ValueError("safety guidance (SLD) is only for text to image with guidance > 1")
+
+    def run_sld(params, ids, neg_ids, init, guidance, rng, concept_ids):
+      encode = lambda i: text_encoder.apply({"params": params["text_encoder"]}, i).last_hidden_state
+      _, rng = jax.random.split(rng)   # as ``run``: the same step noise with and without SLD
+      latents = safe_guidance.sample_sld(
+          denoise, params["unet"], init, encode(ids), uncond_context=encode(neg_ids),
+          safety_context=encode(concept_ids), sld=safety, schedule=schedule, num_steps=steps,
+          guidance_scale=guidance, eta=eta, rng=rng)
+      images = decode_latents(vae, params["vae"], latents)
+      return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+
+    return jax.jit(run_sld)
 
   def run(params, ids, neg_ids, init, guidance, rng):
     context = text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
