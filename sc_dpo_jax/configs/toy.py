@@ -171,6 +171,16 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   rl.train.sample_guidance = 4.0
   c.shielddiff_rl = rl
 
+  # Training-free defences (toy.demo.DEFENCES), each the base model with another sampler, evaluated on the same
+  # prompts and noise as the methods: the unsafe concept as negative prompt, and Safe Latent Diffusion (the
+  # guidance of diffusers' StableDiffusionPipelineSafe) with that concept as its safety concept. `concept`: the
+  # text a defender writes (default: the world's unsafe colour by name); `sld_preset`: weak, medium, strong or
+  # max (diffusers' presets). The toy decides its colour in the first steps, before medium and strong act (they
+  # wait 10 and 7 steps): on 64 unsafe and 64 safe prompts at 20 steps, unsafe rate / safe prompts kept = base
+  # 1.0 / 1.0, negative prompt 0.94 / 0.95, SLD medium 1.0 / 1.0, strong 0.98 / 1.0, max 0.06 / 0.59.
+  c.defences = ("negative_prompt", "sld")
+  c.defence = ml_collections.ConfigDict(dict(concept=config_dict.placeholder(str), sld_preset="max"))
+
   # Draws per evaluation set (toy.evaluate): each unsafe set and each safe set; the same noise for every model.
   c.eval = ml_collections.ConfigDict(dict(images_per_set=32 if quick else 96,
                                           images_per_safe_set=64 if quick else 192, seed=1234))

@@ -20,7 +20,9 @@ interrupted demo continues, and the notebook reads a finished one):
    ShieldDiff-style RL), each config a full trainer config under its method's key (``--config.sc_dpo.train.steps``),
    once per training seed of ``seeds`` (``<workdir>/methods/<method>/seed<k>``).
 5. **Evaluation** (``toy.evaluate``): the base and every aligned model on the same prompts and noise; a method
-   trained with several seeds is scored per seed and combined (``evaluate.combine_seeds``).
+   trained with several seeds is scored per seed and combined (``evaluate.combine_seeds``). Each training-free
+   defence of ``defences`` (``DEFENCES``: the base model sampled with the unsafe concept as negative prompt, or
+   with Safe Latent Diffusion) is evaluated the same way and reported as one more row.
 6. **Report** (``toy.report``): ``report.md``, ``report.json``, sample grids and the trade-off plot
    (safe-and-intact on unsafe prompts against retention on safe prompts) in ``<workdir>/report``.
 """
@@ -42,6 +44,8 @@ from sc_dpo_jax.toy import world as world_lib
 DPO_METHODS = ("diffusion_dpo", "sc_dpo", "duo")
 RL_METHODS = ("shielddiff_rl",)
 METHODS = DPO_METHODS + RL_METHODS
+# Training-free defences: the base model with another sampler (``defence_sampler``), no training.
+DEFENCES = ("negative_prompt", "sld")
 
 
 def _done(path: str) -> bool:
@@ -179,10 +183,10 @@ def layout(workdir: str) -> Layout:
                 base_eval=os.path.join(workdir, "eval", "base"), report=os.path.join(workdir, "report"))
 
 
-def evaluate_cached(evaluator, pipe, folder: str, key: Dict[str, Any]) -> Dict[str, Any]:
-  """``evaluator(pipe)``, with the images kept in ``folder/eval_images.npz`` (and ``eval_key.json``): when they
-  exist for the same ``key`` (the evaluator's settings and the model's folder), they are scored again instead of
-  sampled (scoring is cheap and follows the judge of the day)."""
+def evaluate_cached(evaluator, pipe, folder: str, key: Dict[str, Any], **sampler) -> Dict[str, Any]:
+  """``evaluator(pipe, **sampler)``, with the images kept in ``folder/eval_images.npz`` (and ``eval_key.json``):
+  when they exist for the same ``key`` (the evaluator's settings, the model's folder and the sampler's
+  arguments), they are scored again instead of sampled (scoring is cheap and follows the judge of the day)."""
   images_path, key_path = os.path.join(folder, "eval_images.npz"), os.path.join(folder, "eval_key.json")
   key = json.loads(json.dumps(key, sort_keys=True, default=str))
   if _done(images_path) and _done(key_path) and json.load(open(key_path)) == key:
@@ -191,7 +195,7 @@ def evaluate_cached(evaluator, pipe, folder: str, key: Dict[str, Any]) -> Dict[s
     images = {name: saved[name] for name in evaluator.prompt_sets}
     sets = {name: evaluator.score(name, images[name]) for name in evaluator.prompt_sets}
     return {"sets": sets, "images": images, "seconds": time.time() - start}
-  result = evaluator(pipe)
+  result = evaluator(pipe, **sampler)
   os.makedirs(folder, exist_ok=True)
   np.savez_compressed(images_path, **result["images"])
   with open(key_path, "w") as f:
@@ -209,6 +213,23 @@ def evaluator_key(evaluator, model_folder: str) -> Dict[str, Any]:
           "guidance": evaluator.guidance, "seed": evaluator.seed, "batch_size": evaluator.batch_size,
           "sets": list(evaluator.prompt_sets), "prompts": hashlib.sha256("\n".join(
               p.text for name in evaluator.prompt_sets for p in evaluator.prompts(name)).encode()).hexdigest()}
+
+
+def defence_sampler(config, world: world_lib.World, name: str) -> Dict[str, Any]:
+  """The arguments of ``pipe.generate`` that make defence ``name`` (``DEFENCES``) out of the base model, from
+  ``config.defence``: its ``concept`` (default: the world's unsafe colour, what a defender knows by name)."""
+  d = config.defence
+  concept = d.concept or world.unsafe
+  if name == "negative_prompt":
+    return {"negative_prompt": concept}
+  if name == "sld":
+    from sc_dpo_jax.diffusion import safe_guidance  # pylint: disable=g-import-not-at-top
+    return {"safety": safe_guidance.SLDConfig.preset(str(d.sld_preset), concept=concept)}
+  raise ValueError(f"config.defences: unknown defence {name!r}; known: {DEFENCES}")
+
+
+def _sampler_key(sampler: Dict[str, Any]) -> Dict[str, Any]:
+  return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in sorted(sampler.items())}
 
 
 def align(config, method: str, seed: int, base: str, folders: Dict[str, str], stages: str,
@@ -258,6 +279,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, where: Layout = None) -
   unknown = [m for m in chosen if m not in METHODS]
   if unknown or not chosen:
     raise ValueError(f"config.methods = {config.methods!r}: unknown {unknown or 'none given'}; known: {METHODS}")
+  defences(config)   # unknown names fail now, not after the training
   t0 = time.time()
   where = where or layout(workdir)
   os.makedirs(where.stages, exist_ok=True)
@@ -307,6 +329,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, where: Layout = None) -
   pipe.params["unet"] = base_params
   timings["evaluation"] = time.time() - t
 
+  for name in defences(config):
+    t = time.time()
+    sampler = defence_sampler(config, world, name)
+    key = dict(evaluator_key(evaluator, os.path.join(base, "pipeline")), sampler=_sampler_key(sampler))
+    results[name] = evaluate_cached(evaluator, pipe, os.path.join(where.base_eval, "defences", name), key,
+                                    **sampler)
+    timings[f"evaluation:{name}"] = time.time() - t
+
   datasets = {}
   from sc_dpo_jax.data import records  # pylint: disable=g-import-not-at-top
   for name, folder in folders.items():
@@ -341,6 +371,18 @@ def seeds(config) -> Tuple[int, ...]:
   if not out or len(set(out)) != len(out):
     raise ValueError(f"config.seeds = {value!r}: give one or more distinct integers, e.g. 0,1,2")
   return tuple(out)
+
+
+def defences(config) -> Tuple[str, ...]:
+  """``config.defences`` as names (a tuple, or a comma-separated string; empty: none), each one of
+  ``DEFENCES``."""
+  value = config.get("defences", ())
+  items = [value] if isinstance(value, str) else list(value)
+  out = tuple(d.strip() for item in items for d in str(item).split(",") if d.strip())
+  unknown = [d for d in out if d not in DEFENCES]
+  if unknown:
+    raise ValueError(f"config.defences = {value!r}: unknown {unknown}; known: {DEFENCES}")
+  return out
 
 
 def methods(config) -> Tuple[str, ...]:

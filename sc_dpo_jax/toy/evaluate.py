@@ -117,12 +117,13 @@ class Evaluator:
     values, _ = self._clip(images, list(texts))
     return np.asarray(values, np.float32)
 
-  def generate(self, pipe) -> Dict[str, np.ndarray]:
+  def generate(self, pipe, **sampler) -> Dict[str, np.ndarray]:
     """Every set's images from one ``generate`` call (one compiled program for all): draw ``i`` of the
-    concatenated sets starts from ``fold_in(PRNGKey(seed), i)``, the same for every model."""
+    concatenated sets starts from ``fold_in(PRNGKey(seed), i)``, the same for every model. ``sampler``: more
+    arguments of ``pipe.generate`` (a training-free defence: ``negative_prompt``, ``safety``, ...)."""
     prompts = [p.text for name in self.prompt_sets for p in self.prompts(name)]
     images = pipe.generate(prompts, seed=self.seed, steps=self.steps, guidance=self.guidance,
-                           batch_size=self.batch_size, progress=False)
+                           batch_size=self.batch_size, progress=False, **sampler)
     out, start = {}, 0
     for name in self.prompt_sets:
       n = len(self.prompts(name))
@@ -178,9 +179,9 @@ class Evaluator:
       out["clip_score"] = float(np.mean(clip))
     return out
 
-  def __call__(self, pipe) -> Dict[str, Any]:
+  def __call__(self, pipe, **sampler) -> Dict[str, Any]:
     start = time.time()
-    images = self.generate(pipe)
+    images = self.generate(pipe, **sampler)
     sets = {name: self.score(name, images[name]) for name in self.prompt_sets}
     return {"sets": sets, "images": images, "seconds": time.time() - start}
 

@@ -146,6 +146,12 @@ METHOD_NOTES = {
                      "advantage-weighted imitation of the rewrite, not an unbiased policy gradient. With "
                      "`rl.kl_weight` > 0 (DPOK's regulariser) each update also pulls the policy's denoising steps "
                      "toward the base model's.",
+    "negative_prompt": "*negative_prompt* (training-free): the base model sampled with the unsafe concept's name "
+                       "as negative prompt (config `defence.concept`).",
+    "sld": "*sld* (training-free): the base model sampled with Safe Latent Diffusion, the guidance of diffusers' "
+           "`StableDiffusionPipelineSafe`, with the unsafe concept's name as its safety concept (config "
+           "`defence.sld_preset`: diffusers' presets; those that wait several steps act too late for the toy, "
+           "which settles its colour early).",
 }
 
 

@@ -146,17 +146,21 @@ def pareto(rows: Sequence[Mapping[str, Any]]) -> List[bool]:
 
 
 def table(results: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> List[Dict[str, Any]]:
-  """One row per point and model (the base once) from ``(name, overrides, report summary)``."""
-  rows, base_done = [], False
+  """One row per point and model from ``(name, overrides, report summary)``; the base once, and each
+  training-free defence once unless the point overrides the ``defence`` settings (they are the base model
+  sampled another way: the same at every point)."""
+  rows, done = [], set()
   for name, overrides, summary in results:
     for model, head in summary["headline"].items():
-      if model == "base":
-        if base_done:
+      shared = model == "base" or (model in demo.DEFENCES and not any(
+          k == "defences" or k.startswith("defence.") for k in overrides))
+      if shared:
+        if model in done:
           continue
-        base_done = True
+        done.add(model)
       u, s = head["unsafe_prompts"], head["safe_prompts"]
-      rows.append({"point": "-" if model == "base" else name, "model": model,
-                   "overrides": {} if model == "base" else dict(overrides),
+      rows.append({"point": "-" if shared else name, "model": model,
+                   "overrides": {} if shared else dict(overrides),
                    "safe_and_intact": u["safe_and_intact"],
                    "safe_and_intact_interval": u["intervals"]["safe_and_intact"],
                    "retention": s["retention"], "retention_interval": s["intervals"]["retention"],

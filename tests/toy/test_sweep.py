@@ -51,6 +51,25 @@ def test_grid_names_and_shared_stages(tmp_path):
   assert len(stages) == 2                                          # a data key gives each point its datasets
 
 
+def _summary(models):
+  head = lambda v: {"unsafe_prompts": {"safe_and_intact": v, "unsafe_rate": 1 - v, "broken_rate": 0.0,  # noqa: E731
+                                       "intervals": {"safe_and_intact": [v, v]}},
+                    "safe_prompts": {"retention": 0.9, "intervals": {"retention": [0.9, 0.9]}}}
+  return {"headline": {m: head(v) for m, v in models.items()},
+          "models": {m: {"direct": {"unsafe_rate": 1 - v}} for m, v in models.items()}}
+
+
+def test_table_lists_the_base_and_each_defence_once_unless_a_point_changes_the_defence():
+  results = [("a", {"sc_dpo.objective.beta": 1.0}, _summary({"base": 0.0, "sc_dpo": 0.5, "sld": 0.4})),
+             ("b", {"sc_dpo.objective.beta": 2.0}, _summary({"base": 0.0, "sc_dpo": 0.6, "sld": 0.4}))]
+  rows = sweep.table(results)
+  assert [(r["point"], r["model"]) for r in rows] == [("-", "base"), ("a", "sc_dpo"), ("-", "sld"),
+                                                      ("b", "sc_dpo")]
+  results = [("p", {"defence.sld_preset": "max"}, _summary({"base": 0.0, "sld": 0.4})),
+             ("q", {"defence.sld_preset": "strong"}, _summary({"base": 0.0, "sld": 0.1}))]
+  assert [(r["point"], r["model"]) for r in sweep.table(results)] == [("-", "base"), ("p", "sld"), ("q", "sld")]
+
+
 def test_pareto_front():
   rows = [dict(retention=0.9, safe_and_intact=0.1), dict(retention=0.8, safe_and_intact=0.8),
           dict(retention=0.7, safe_and_intact=0.7), dict(retention=0.5, safe_and_intact=0.9)]
