@@ -18,12 +18,19 @@ trainer's export lands in a bucket workdir and loads back from it.
 ``generate(..., safety="medium")`` samples with Safe Latent Diffusion (``diffusion.safe_guidance``: a preset
 name or an ``SLDConfig``), diffusers' ``StableDiffusionPipelineSafe`` guidance: every step runs the UNet on
 [negative prompt, prompt, safety concept] in one batch. It needs guidance > 1; ``edit`` does not offer it.
+
+``generate(..., projection=ProjectionConfig(concepts=("nudity", ...)))`` samples with the SAFREE-style prompt
+projection (``diffusion.prompt_projection``): inside the jitted sampler the prompt's trigger tokens are projected
+away from the concepts' subspace (the concepts' token ids are an input: other concepts of the same count reuse
+the program); the unconditional context is not touched. It combines with ``safety=`` (SLD then samples on the
+projected prompt) when ``steps_fraction`` is 1; ``edit`` does not offer it. ``project_prompts`` shows what it
+does to given prompts (trigger tokens, distances, projected states).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +39,8 @@ from absl import logging
 from tqdm import tqdm
 
 from sc_dpo_jax import diffusion
-from sc_dpo_jax.diffusion import safe_guidance
+from sc_dpo_jax.diffusion import prompt_projection, safe_guidance
+from sc_dpo_jax.diffusion.prompt_projection import ProjectionConfig
 from sc_dpo_jax.models import clip_io, io, storage, tokenizer as tokenizer_lib, vae_io, weights
 from sc_dpo_jax.models.clip import CLIPTextModel
 from sc_dpo_jax.models.tokenizer import Tokenizer
@@ -70,12 +78,25 @@ class StableDiffusion:
     ids = self.tokenizer(prompts)
     return _encode_text(self.text_encoder, self.params["text_encoder"], ids)
 
+  def project_prompts(self, prompts: Union[str, Sequence[str]],
+                      projection: ProjectionConfig) -> prompt_projection.ProjectedPrompt:
+    """What ``generate(..., projection=projection)`` conditions ``prompts`` on: a ``ProjectedPrompt`` of numpy
+    arrays (projected and original states ``[B, L, D]``, trigger mask, distances ``d_i`` and real-token mask
+    ``[B, L]``). ``steps_fraction`` plays no part here."""
+    projection = _check_projection(projection)
+    ids = self.tokenizer(prompts)
+    fn = _projection_fn(self.text_encoder, *self._special_ids())
+    out = fn(self.params["text_encoder"], ids, self.tokenizer(list(projection.concepts)),
+             jnp.float32(projection.alpha), jnp.float32(projection.strength))
+    return prompt_projection.ProjectedPrompt(*(np.asarray(a) for a in out))
+
   # ------------------------------------------------------------------------------------------ generation
   def generate(self, prompts: Union[str, Sequence[str]], *, seed: int = 0, steps: int = 50,
                guidance: float = 7.5, eta: float = 0.0, negative_prompt: Union[None, str, Sequence[str]] = None,
                height: Optional[int] = None, width: Optional[int] = None, latents=None,
                batch_size: int = 8, output: str = "uint8", progress: bool = True,
-               safety: Union[None, str, safe_guidance.SLDConfig] = None) -> np.ndarray:
+               safety: Union[None, str, safe_guidance.SLDConfig] = None,
+               projection: Optional[ProjectionConfig] = None) -> np.ndarray:
     """Images for ``prompts``: uint8 ``[N, H, W, 3]`` (``output="float"``: float32 in [0, 1]).
 
     Image ``i`` starts from noise drawn with ``fold_in(PRNGKey(seed), i)``, so it does not depend on the
@@ -84,6 +105,11 @@ class StableDiffusion:
 
     ``safety``: Safe Latent Diffusion (``diffusion.safe_guidance``): ``None`` (off), a preset name
     (``"weak"``, ``"medium"``, ``"strong"``, ``"max"``) or an ``SLDConfig``; it needs ``guidance > 1``.
+
+    ``projection``: SAFREE-style prompt projection (``diffusion.prompt_projection``): ``None`` (off) or a
+    ``ProjectionConfig``; the prompts' trigger tokens are projected away from its concepts for the first
+    ``projection.projected_steps(steps)`` steps. With ``safety`` too, SLD samples on the projected prompt; that
+    combination needs ``steps_fraction = 1``.
     """
     prompts, negatives = self._prompts(prompts, negative_prompt)
     _check_sampling(steps, guidance, eta)
@@ -91,6 +117,13 @@ class StableDiffusion:
     if safety is not None and not guidance > 1.0:
       raise ValueError(f"safety guidance (SLD) acts through classifier-free guidance: it needs guidance > 1, "
                        f"got guidance = {guidance}")
+    if projection is not None:
+      projection = _check_projection(projection)
+      if safety is not None and projection.projected_steps(steps) < steps:
+        raise NotImplementedError(
+            f"projection with steps_fraction = {projection.steps_fraction} (< 1: projected for "
+            f"{projection.projected_steps(steps)} of {steps} steps) cannot be combined with safety guidance "
+            "(SLD); use steps_fraction = 1 with safety, or projection alone")
     shape = self._latent_shape(height, width)
     key = jax.random.PRNGKey(seed)
     if latents is None:
@@ -100,7 +133,7 @@ class StableDiffusion:
                        "(NHWC, one per prompt)")
     return self._run_batches(prompts, negatives, np.asarray(latents, np.float32), None, key, steps=steps,
                              guidance=guidance, eta=eta, strength=None, batch_size=batch_size, output=output,
-                             progress=progress, safety=safety)
+                             progress=progress, safety=safety, projection=projection)
 
   def initial_noise(self, seed: int, indices: Sequence[int], *, height: Optional[int] = None,
                     width: Optional[int] = None) -> np.ndarray:
@@ -113,13 +146,16 @@ class StableDiffusion:
   def edit(self, images, prompts: Union[str, Sequence[str]], *, strength: float = 0.75, seed: int = 0,
            steps: int = 50, guidance: float = 7.5, eta: float = 0.0,
            negative_prompt: Union[None, str, Sequence[str]] = None, batch_size: int = 8, output: str = "uint8",
-           progress: bool = True, safety=None) -> np.ndarray:
+           progress: bool = True, safety=None, projection=None) -> np.ndarray:
     """SDEdit (img2img): noise ``images`` (uint8 or float in [0, 1], NHWC) to ``strength`` of the way and
-    denoise them under ``prompts``. Same outputs as ``generate``. Safe Latent Diffusion (``safety``) is only
-    offered by ``generate``."""
+    denoise them under ``prompts``. Same outputs as ``generate``. Safe Latent Diffusion (``safety``) and the
+    prompt projection (``projection``) are only offered by ``generate``."""
     if safety is not None:
       raise NotImplementedError(f"edit (SDEdit) does not support safety guidance (safety={safety!r}); SLD is "
                                 "available in generate(..., safety=...)")
+    if projection is not None:
+      raise NotImplementedError(f"edit (SDEdit) does not support the prompt projection (projection="
+                                f"{projection!r}); it is available in generate(..., projection=...)")
     prompts, negatives = self._prompts(prompts, negative_prompt)
     _check_sampling(steps, guidance, eta)
     if not 0.0 < strength <= 1.0:
@@ -147,6 +183,14 @@ class StableDiffusion:
         raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one or as many")
     return prompts, negatives
 
+  def _special_ids(self):
+    """``(pad_id, eos_id)`` of the tokenizer: what the prompt projection removes tokens with and stops at."""
+    hf = self.tokenizer.hf
+    if hf.eos_token_id is None:
+      raise ValueError(f"{self.tokenizer.source}: the tokenizer has no EOS token; the prompt projection needs one")
+    pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+    return int(pad), int(hf.eos_token_id)
+
   def _latent_shape(self, height, width):
     height, width = height or self.default_size, width or self.default_size
     f = self.vae_scale_factor
@@ -155,17 +199,26 @@ class StableDiffusion:
     return (height // f, width // f, int(self.unet.config.in_channels))
 
   def _run_batches(self, prompts, negatives, latents, images, key, *, steps, guidance, eta, strength,
-                   batch_size, output, progress, safety=None):
+                   batch_size, output, progress, safety=None, projection=None):
     if output not in ("uint8", "float"):
       raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
     if batch_size < 1:
       raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     # The program reads SLD's numbers, not its concept (whose token ids are an input): key it on the numbers.
     sld_key = None if safety is None else dataclasses.replace(safety, concept=safe_guidance.DEFAULT_SAFETY_CONCEPT)
+    # Likewise the projection's program reads the number of concepts and of projected steps; the concepts'
+    # token ids, alpha and strength are inputs.
+    proj_key = None
+    if projection is not None:
+      proj_key = _ProjectionProgram(len(projection.concepts), projection.projected_steps(steps),
+                                    *self._special_ids())
     fn = _sampler(self.text_encoder, self.unet, self.vae, self.schedule, steps=int(steps), eta=float(eta),
                   use_guidance=guidance > 1.0, strength=None if images is None else float(strength),
-                  safety=sld_key)
+                  safety=sld_key, **({} if proj_key is None else {"projection": proj_key}))
     extra = () if safety is None else (self.tokenizer([safety.concept]),)
+    if projection is not None:
+      extra += (self.tokenizer(list(projection.concepts)), jnp.float32(projection.alpha),
+                jnp.float32(projection.strength))
     out = []
     starts = range(0, len(prompts), batch_size)
     for b, start in enumerate(tqdm(starts, desc="sampling", unit="batch", disable=not progress or
@@ -226,16 +279,51 @@ def _encode_text(text_encoder, params, ids):
   return text_encoder.apply({"params": params}, ids).last_hidden_state
 
 
+def _check_projection(projection) -> ProjectionConfig:
+  if not isinstance(projection, ProjectionConfig):
+    raise TypeError(f"projection must be None or a diffusion.prompt_projection.ProjectionConfig, got "
+                    f"{type(projection).__name__}")
+  return projection
+
+
+class _ProjectionProgram(NamedTuple):
+  """What a sampler with the prompt projection is compiled for (the rest are inputs)."""
+  num_concepts: int
+  projected_steps: int
+  pad_id: int
+  eos_id: int
+
+
+@functools.lru_cache(maxsize=8)
+def _projection_fn(text_encoder, pad_id, eos_id):
+  """A jitted ``(text params, ids, concept_ids, alpha, strength) -> ProjectedPrompt``."""
+
+  def fn(params, ids, concept_ids, alpha, strength):
+    encode = lambda i: text_encoder.apply({"params": params}, i).last_hidden_state
+    return prompt_projection.projected_context(encode, ids, concept_ids, pad_id=pad_id, eos_id=eos_id,
+                                               alpha=alpha, strength=strength)
+
+  return jax.jit(fn)
+
+
 @functools.lru_cache(maxsize=32)
-def _sampler(text_encoder, unet, vae, schedule, *, steps, eta, use_guidance, strength, safety=None):
+def _sampler(text_encoder, unet, vae, schedule, *, steps, eta, use_guidance, strength, safety=None,
+             projection=None):
   """A jitted ``(params, ids, neg_ids, init, guidance, rng) -> images in [0, 1]`` for fixed static settings.
 
   ``init`` is the initial noise (``strength`` None: text to image) or the images in [0, 1] to edit (SDEdit
   with ``strength``). With ``safety`` (an ``SLDConfig``; text to image with guidance only) the function takes
-  the safety concept's token ids ``[1, L]`` as a seventh argument and samples with Safe Latent Diffusion."""
+  the safety concept's token ids ``[1, L]`` as a seventh argument and samples with Safe Latent Diffusion.
+  With ``projection`` (a ``_ProjectionProgram``; text to image only) it takes, after those, the projection
+  concepts' token ids ``[K, L]``, alpha and strength (float32 scalars), and conditions the first
+  ``projection.projected_steps`` steps on the projected prompt (``diffusion.prompt_projection``)."""
 
   def denoise(unet_params, x, t, context):
     return unet.apply({"params": unet_params}, x, t, context)
+
+  if projection is not None:
+    return _projected_sampler(text_encoder, vae, schedule, denoise, steps=steps, eta=eta,
+                              use_guidance=use_guidance, strength=strength, safety=safety, projection=projection)
 
   if safety is not None:
     if strength is not None or not use_guidance:
@@ -268,6 +356,42 @@ def _sampler(text_encoder, unet, vae, schedule, *, steps, eta, use_guidance, str
       init_latents = encode_to_latents(vae, params["vae"], init * 2.0 - 1.0, enc_rng)
       latents = diffusion.sdedit(denoise, params["unet"], init_latents, context, strength=strength,
                                  **kwargs)
+    images = decode_latents(vae, params["vae"], latents)
+    return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
+
+  return jax.jit(run)
+
+
+def _projected_sampler(text_encoder, vae, schedule, denoise, *, steps, eta, use_guidance, strength, safety,
+                       projection):
+  """``_sampler`` with the prompt projection (see there)."""
+  if strength is not None:
+    raise ValueError("the prompt projection is only for text to image (not SDEdit)")
+  if safety is not None and projection.projected_steps < steps:
+    raise ValueError("the prompt projection combines with SLD only when it projects every step")
+
+  def run(params, ids, neg_ids, init, guidance, rng, *extra):
+    sld_ids, (concept_ids, alpha, proj_strength) = (extra[0], extra[1:]) if safety is not None else (None, extra)
+    encode = lambda i: text_encoder.apply({"params": params["text_encoder"]}, i).last_hidden_state
+    projected = prompt_projection.projected_context(encode, ids, concept_ids, pad_id=projection.pad_id,
+                                                    eos_id=projection.eos_id, alpha=alpha,
+                                                    strength=proj_strength)
+    uncond = encode(neg_ids) if use_guidance else None
+    _, rng = jax.random.split(rng)   # as ``run``: the same step noise with and without the projection
+    if safety is not None:
+      latents = safe_guidance.sample_sld(
+          denoise, params["unet"], init, projected.context, uncond_context=uncond,
+          safety_context=encode(sld_ids), sld=safety, schedule=schedule, num_steps=steps,
+          guidance_scale=guidance, eta=eta, rng=rng)
+    else:
+      kwargs = dict(schedule=schedule, num_steps=steps, eta=eta,
+                    guidance_scale=guidance if use_guidance else 1.0, uncond_context=uncond, rng=rng)
+      if projection.projected_steps >= steps:
+        latents = diffusion.sample(denoise, params["unet"], init, projected.context, **kwargs)
+      else:
+        latents = prompt_projection.sample_switching(denoise, params["unet"], init, projected.context,
+                                                     projected.original, switch_step=projection.projected_steps,
+                                                     **kwargs)
     images = decode_latents(vae, params["vae"], latents)
     return jnp.clip(images.astype(jnp.float32) / 2.0 + 0.5, 0.0, 1.0)
 
