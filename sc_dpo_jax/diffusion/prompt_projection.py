@@ -27,8 +27,9 @@ Choices and what differs from the paper:
 * Summary = the state at the first EOS (``summary``), not the mean over the real tokens. CLIP's text tower is
   causal, so the EOS state is the only one that has attended to the whole prompt; it is what CLIP trains to
   align with images (its ``pooler_output`` before the projection) and it is defined for an empty prompt (a
-  one-word prompt with its word removed), where a mean over zero tokens is not. On the toy world's encoder it
-  also separates better (measured in ``tests/diffusion/test_prompt_projection.py``).
+  one-word prompt with its word removed), where a mean over zero tokens is not. On the toy world's encoder
+  (concept "red", alpha 0.01) both summaries flag the colour word of every prompt of the ``direct`` and
+  synonym sets, but the mean also flags 129 of the 294 other words of the ``direct`` set, EOS 85.
 * Masking = removal, not replacement by the pad id: in CLIP tokenizers whose pad token is EOS (SD 1.x, the toy
   world) a pad id in the middle of the prompt would become the first EOS and cut the prompt there.
 * ``P_I`` spans the real tokens only (not BOS, whose state does not depend on the prompt, nor EOS/padding). The
@@ -41,10 +42,12 @@ Choices and what differs from the paper:
   fraction ``steps_fraction``. SAFREE's latent re-attention (Fourier-domain filtering of UNet features) is not
   implemented, and neither is anything for video.
 * The EOS and padding states are left as they are (as in SAFREE); in a causal encoder they have seen the
-  trigger word and still carry the concept to the UNet's cross-attention.
+  trigger word and still carry the concept to the UNet's cross-attention. On the toy base model this is
+  decisive: its UNet reads the colour from those states, not from the colour word's, and the projection leaves
+  the unsafe rate of "a large red circle" at 1.00 (``tests/diffusion/test_prompt_projection.py``).
 
-Everything here is pure and jittable; ``projected_context`` is the batched entry point a sampler calls (one
-text-encoder call on the ``B * L`` prompts-without-one-token; no Python loop over tokens).
+Everything here is pure and jittable; ``projected_context`` is the batched entry point a sampler calls (two
+text-encoder calls, one of them on the ``B * L`` prompts-without-one-token; no Python loop over tokens).
 """
 from __future__ import annotations
 
@@ -75,8 +78,9 @@ def _real(name: str, value) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionConfig:
-  """SAFREE-style prompt projection settings (module docstring). Hashable: a jitted sampler is keyed on the
-  numbers and on the number of concepts (``program_key``), the concept token ids being an input.
+  """SAFREE-style prompt projection settings (module docstring). The pipeline's compiled sampler depends on the
+  number of concepts and of projected steps only: the concepts' token ids, ``alpha`` and ``strength`` are
+  inputs, so changing them does not recompile.
 
   Attributes:
     concepts: the unsafe concept's texts, e.g. ``("nudity", "naked", "sexual")`` or, in the toy world,
@@ -116,10 +120,6 @@ class ProjectionConfig:
   def projected_steps(self, steps: int) -> int:
     """How many of ``steps`` sampling steps (the first ones) use the projected states."""
     return min(int(steps), max(1, int(round(self.steps_fraction * steps))))
-
-  def program_key(self) -> "ProjectionConfig":
-    """This config with placeholder concepts of the same count: what a compiled sampler depends on."""
-    return dataclasses.replace(self, concepts=tuple(f"concept {k}" for k in range(len(self.concepts))))
 
 
 class ProjectedPrompt(NamedTuple):
@@ -262,8 +262,9 @@ def projected_context(encode: Callable[[jax.Array], jax.Array], ids: jax.Array, 
     alpha, strength: as in ``ProjectionConfig`` (numbers or traced scalars).
     concept_mask: optional ``[K]`` bool: which concept rows count (for a padded set of concepts).
 
-  The text encoder runs on ``B + K + B * L`` sequences: the prompts, the concepts, and each prompt without
-  each of its ``L`` positions (those off the real tokens are computed and ignored, to keep shapes static).
+  The text encoder runs twice: on the prompts (their states, unchanged off the triggers, are those of a plain
+  ``encode(ids)``) and on ``K + B * L`` sequences, the concepts and each prompt without each of its ``L``
+  positions (those off the real tokens are computed and ignored, to keep shapes static).
   """
   ids = jnp.asarray(ids)
   concept_ids = jnp.asarray(concept_ids)
@@ -271,10 +272,9 @@ def projected_context(encode: Callable[[jax.Array], jax.Array], ids: jax.Array, 
     raise ValueError(f"ids and concept_ids must be [B, L] and [K, L], got {ids.shape} and {concept_ids.shape}")
   b, length = ids.shape
   removed = removal_ids(ids, pad_id).reshape(b * length, length)
-  everything = encode(jnp.concatenate([ids, concept_ids.astype(ids.dtype), removed], axis=0))
-  states = everything[:b]
-  concept_states = everything[b:b + concept_ids.shape[0]]
-  removed_states = everything[b + concept_ids.shape[0]:]
+  states = encode(ids)    # on its own: the same computation as the unprojected context's
+  others = encode(jnp.concatenate([concept_ids.astype(ids.dtype), removed], axis=0))
+  concept_states, removed_states = others[:concept_ids.shape[0]], others[concept_ids.shape[0]:]
   p_c = concept_projector(summary(concept_states, concept_ids, eos_id), concept_mask)
   removed_summary = summary(removed_states, removed, eos_id).reshape(b, length, -1)
   real = real_token_mask(ids, eos_id)
