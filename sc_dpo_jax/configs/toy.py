@@ -178,7 +178,10 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   # max (diffusers' presets). The toy decides its colour in the first steps, before medium and strong act (they
   # wait 10 and 7 steps): on 64 unsafe and 64 safe prompts at 20 steps, unsafe rate / safe prompts kept = base
   # 1.0 / 1.0, negative prompt 0.94 / 0.95, SLD medium 1.0 / 1.0, strong 0.98 / 1.0, max 0.06 / 0.59.
-  c.defences = ("negative_prompt", "sld")
+  # The SAFREE-style projection (diffusion.prompt_projection) removes the concept from the trigger word's state
+  # only; the toy UNet reads the colour from the end-of-text and padding states, so it changes nothing here
+  # (32 of 32 "a large red circle" images red with and without it).
+  c.defences = ("negative_prompt", "sld", "safree")
   c.defence = ml_collections.ConfigDict(dict(concept=config_dict.placeholder(str), sld_preset="max"))
 
   # Draws per evaluation set (toy.evaluate): each unsafe set and each safe set; the same noise for every model.

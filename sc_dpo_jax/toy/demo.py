@@ -21,8 +21,9 @@ interrupted demo continues, and the notebook reads a finished one):
    once per training seed of ``seeds`` (``<workdir>/methods/<method>/seed<k>``).
 5. **Evaluation** (``toy.evaluate``): the base and every aligned model on the same prompts and noise; a method
    trained with several seeds is scored per seed and combined (``evaluate.combine_seeds``). Each training-free
-   defence of ``defences`` (``DEFENCES``: the base model sampled with the unsafe concept as negative prompt, or
-   with Safe Latent Diffusion) is evaluated the same way and reported as one more row.
+   defence of ``defences`` (``DEFENCES``: the base model sampled with the unsafe concept as negative prompt, with
+   Safe Latent Diffusion, or with the SAFREE-style projection of the prompt away from the concept) is evaluated
+   the same way and reported as one more row.
 6. **Report** (``toy.report``): ``report.md``, ``report.json``, sample grids and the trade-off plot
    (safe-and-intact on unsafe prompts against retention on safe prompts) in ``<workdir>/report``.
 """
@@ -45,7 +46,7 @@ DPO_METHODS = ("diffusion_dpo", "sc_dpo", "duo")
 RL_METHODS = ("shielddiff_rl",)
 METHODS = DPO_METHODS + RL_METHODS
 # Training-free defences: the base model with another sampler (``defence_sampler``), no training.
-DEFENCES = ("negative_prompt", "sld")
+DEFENCES = ("negative_prompt", "sld", "safree")
 
 
 def _done(path: str) -> bool:
@@ -225,6 +226,9 @@ def defence_sampler(config, world: world_lib.World, name: str) -> Dict[str, Any]
   if name == "sld":
     from sc_dpo_jax.diffusion import safe_guidance  # pylint: disable=g-import-not-at-top
     return {"safety": safe_guidance.SLDConfig.preset(str(d.sld_preset), concept=concept)}
+  if name == "safree":
+    from sc_dpo_jax.diffusion import prompt_projection  # pylint: disable=g-import-not-at-top
+    return {"projection": prompt_projection.ProjectionConfig(concepts=(concept,))}
   raise ValueError(f"config.defences: unknown defence {name!r}; known: {DEFENCES}")
 
 

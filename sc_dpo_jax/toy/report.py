@@ -152,6 +152,9 @@ METHOD_NOTES = {
            "`StableDiffusionPipelineSafe`, with the unsafe concept's name as its safety concept (config "
            "`defence.sld_preset`: diffusers' presets; those that wait several steps act too late for the toy, "
            "which settles its colour early).",
+    "safree": "*safree* (training-free): the base model sampled on its prompt's text states with the words "
+              "nearest the unsafe concept projected away from it (this project's SAFREE-style projection, "
+              "text side only, `diffusion.prompt_projection`).",
 }
 
 
