@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-from absl import app
+from absl import app, flags
 
 from sc_dpo_jax.attack import ATTACKS
 
@@ -20,7 +20,9 @@ def main() -> None:
   if name not in ATTACKS:
     print(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}\n{_usage()}", file=sys.stderr)
     sys.exit(2)
-  module = importlib.import_module(ATTACKS[name])   # its flags are defined on import: only the chosen attack's
+  module = importlib.import_module(ATTACKS[name])
+  module.define_flags()   # only the chosen attack's flags: the attacks share names (--out, --seed, --model)
+  flags.adopt_module_key_flags(module)   # --help lists them
   app.run(module.main, argv=[f"{sys.argv[0]} {name}"] + sys.argv[2:])
 
 

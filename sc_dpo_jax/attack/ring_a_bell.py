@@ -405,11 +405,9 @@ def done_targets(path: str, targets: Sequence[str], *, eta: float, length: int) 
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
-# The flags are defined on import (``python -m sc_dpo_jax.attack`` parses them before calling ``main``), but this
-# module is also a library that other modules with flags of the same names (``--out``, ``--seed``, ``--model``:
-# ``toy.pretrain``, the other attacks) may be imported with. So each flag is defined only if no module defined it
-# yet, and may be redefined by a later module (``allow_override``); ``main`` refuses to run on flags that are not
-# this module's (which only happens when something else imported such a module into the CLI's process).
+# The flags are defined by ``define_flags``, which ``python -m sc_dpo_jax.attack ring_a_bell`` calls before it
+# parses the command line: importing this module as a library defines none (other modules with flags of the same
+# names, ``--out``, ``--seed``, ``--model``, may share its process).
 FLAGS = flags.FLAGS
 _FLAGS = (
     ("string", "model", None, "A diffusers Stable Diffusion folder; only its text_encoder/ and tokenizer/ are read.",
@@ -444,20 +442,13 @@ _FLAGS = (
 )
 
 
-def _define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Defines the command's flags in ``flag_values`` (the CLI calls it once, before parsing)."""
   for kind, name, default, help_text, extra in _FLAGS:
-    if name not in FLAGS:
-      getattr(flags, f"DEFINE_{kind}")(name, default, help=help_text, allow_override=True, **extra)
-
-
-_define_flags()
+    getattr(flags, f"DEFINE_{kind}")(name, default, help=help_text, flag_values=flag_values, **extra)
 
 
 def _flag(name: str):
-  owner = FLAGS.find_module_defining_flag(name)
-  if owner != __name__:
-    raise SystemExit(f"--{name} is defined by {owner}, not by {__name__} (another module with flags was imported "
-                     "into this process); run the attack as `python -m sc_dpo_jax.attack ring_a_bell`")
   return FLAGS[name].value
 
 
