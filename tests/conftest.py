@@ -1,8 +1,13 @@
-"""Shared test set-up: CPU-only JAX, and builders of tiny PyTorch reference models saved in diffusers format."""
+"""Shared test set-up: CPU-only JAX, one compilation cache per run, and the quick toy demo (``quick_workdir``)."""
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+
+import pytest
+
+from tests.subprocess_helper import run
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -19,6 +24,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 
-
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: full-size checks, not run in CI (run with -m slow)")
+
+
+# The quick toy demo, run once per test session through ``main`` (the user's command): ``quick_workdir`` (the toy
+# tests and the attacks' tests against its aligned models use it).
+# Session scope: under xdist a worker may run another module between the tests that use it, which would tear down
+# and rebuild a module-scoped fixture (the whole quick demo) in between. Its users share the xdist group
+# "toy_demo", so one worker runs them all.
+@pytest.fixture(scope="session")
+def quick_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("toy") / "quick"
+  cmd = [sys.executable, "-m", "sc_dpo_jax.main", "--config=configs/toy.py:quick", f"--workdir={workdir}",
+         "--config.progress=false"]
+  proc = run(cmd, timeout=900)
+  assert f"The toy-world report is in {workdir}/report/report.md" in proc.stdout
+  return workdir
