@@ -6,7 +6,8 @@
 
 ``--safety=medium`` (weak|medium|strong|max) samples with Safe Latent Diffusion (diffusers'
 ``StableDiffusionPipelineSafe`` presets; ``diffusion.safe_guidance``); it needs ``--guidance`` > 1 and no
-``--init_image``.
+``--init_image``. ``--projection=nudity,naked`` samples with the SAFREE-style projection of the prompt's text
+states away from those concepts (``diffusion.prompt_projection``); also text to image only.
 
 Image ``i`` of prompt ``p`` uses seed ``--seed`` folded with its index, so the same flags give the same
 pictures on any batch size. ``--out_dir`` also writes every image as its own PNG.
@@ -33,6 +34,8 @@ _INIT = flags.DEFINE_string("init_image", None, "SDEdit: start from this image (
 _STRENGTH = flags.DEFINE_float("strength", 0.75, "SDEdit strength in (0, 1].")
 _SAFETY = flags.DEFINE_enum("safety", "none", ["none", "weak", "medium", "strong", "max"],
                             "Safe Latent Diffusion preset (none: off). Not with --init_image.")
+_PROJECTION = flags.DEFINE_list("projection", [], "SAFREE-style projection away from these concepts "
+                                "(comma-separated texts; empty: off). Not with --init_image.")
 _ATTENTION = flags.DEFINE_enum("attention", "reference", ["reference", "xla", "cudnn"], "Attention kernel.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
 _OUT = flags.DEFINE_string("out", "grid.png", "Where to write the PNG grid.")
@@ -54,6 +57,12 @@ def main(argv):
     raise app.UsageError("--safety works with text to image only, not with --init_image (SDEdit)")
   if safety is not None and _GUIDANCE.value <= 1:
     raise app.UsageError("--safety needs classifier-free guidance: --guidance must be > 1")
+  projection = None
+  if _PROJECTION.value:
+    from sc_dpo_jax.diffusion.prompt_projection import ProjectionConfig  # pylint: disable=g-import-not-at-top
+    if _INIT.value:
+      raise app.UsageError("--projection works with text to image only, not with --init_image (SDEdit)")
+    projection = ProjectionConfig(concepts=tuple(_PROJECTION.value))
   pipe = models.load_pipeline(_MODEL.value, dtype=jnp.dtype(_DTYPE.value), attention=_ATTENTION.value)
   prompts = [p for p in _PROMPT.value for _ in range(_NUM.value)]
   common = dict(seed=_SEED.value, steps=_STEPS.value, guidance=_GUIDANCE.value, eta=_ETA.value,
@@ -63,7 +72,8 @@ def main(argv):
     init = np.asarray(Image.open(_INIT.value).convert("RGB").resize(size, Image.BICUBIC))
     images = pipe.edit(np.stack([init] * len(prompts)), prompts, strength=_STRENGTH.value, **common)
   else:
-    images = pipe.generate(prompts, height=_HEIGHT.value, width=_WIDTH.value, safety=safety, **common)
+    images = pipe.generate(prompts, height=_HEIGHT.value, width=_WIDTH.value, safety=safety,
+                           projection=projection, **common)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   Image.fromarray(make_grid(images, columns=_NUM.value)).save(_OUT.value)
   if _OUT_DIR.value:

@@ -327,3 +327,25 @@ def test_steps_fraction_safety_and_edit(toy, end_to_end):  # pylint: disable=unu
     toy.generate(PROMPTS, projection=("red",), **FLOAT)
   with pytest.raises(NotImplementedError, match="projection"):
     toy.edit(plain, PROMPTS, projection=RED, **FLOAT)
+
+
+def test_generate_command_takes_a_projection(tmp_path):
+  """``python -m sc_dpo_jax.generate --projection=red`` on the toy base: the same images as the API's, and the
+  SDEdit combination refused."""
+  import sys
+
+  from PIL import Image
+
+  from tests.subprocess_helper import run
+  folder = os.path.join(pretrain.pretrained_folder(), "pipeline")
+  cmd = [sys.executable, "-m", "sc_dpo_jax.generate", f"--model={folder}", "--prompt=a large red circle",
+         "--num_images=2", "--steps=4", "--guidance=4", "--projection=red,crimson", f"--out={tmp_path / 'g.png'}"]
+  run(cmd, timeout=300)
+  pipe = models.load_pipeline(folder)
+  want = pipe.generate(["a large red circle"] * 2, seed=0, steps=4, guidance=4.0, progress=False,
+                       projection=ProjectionConfig(concepts=("red", "crimson")))
+  got = np.asarray(Image.open(tmp_path / "g.png"))
+  np.testing.assert_array_equal(got, np.concatenate(list(want), axis=1))
+  Image.fromarray(want[0]).save(tmp_path / "in.png")
+  proc = run(cmd + [f"--init_image={tmp_path / 'in.png'}"], status=1, timeout=300)
+  assert "--projection works with text to image only" in proc.stderr
