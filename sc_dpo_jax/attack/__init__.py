@@ -12,3 +12,10 @@ ATTACKS = {
     "ring_a_bell": "sc_dpo_jax.attack.ring_a_bell",   # black-box: a concept direction in CLIP text space + GA
     "unlearndiff": "sc_dpo_jax.attack.unlearndiff",   # white-box: prompt tokens optimised through the UNet
 }
+
+
+def define_flag_table(table, flag_values) -> None:
+  """Defines an attack's flags from its table of ``(kind, name, default, help, extra kwargs)`` rows."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for kind, name, default, help_text, extra in table:
+    getattr(flags, f"DEFINE_{kind}")(name, default, help=help_text, flag_values=flag_values, **extra)

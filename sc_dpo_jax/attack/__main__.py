@@ -22,7 +22,8 @@ def main() -> None:
     sys.exit(2)
   module = importlib.import_module(ATTACKS[name])
   module.define_flags()   # only the chosen attack's flags: the attacks share names (--out, --seed, --model)
-  flags.adopt_module_key_flags(module)   # --help lists them
+  # --help lists them (define_flag_table defines them in this package's module)
+  flags.adopt_module_key_flags(sys.modules["sc_dpo_jax.attack"])
   app.run(module.main, argv=[f"{sys.argv[0]} {name}"] + sys.argv[2:])
 
 

@@ -406,8 +406,8 @@ _FLAGS = (
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """Defines the command's flags in ``flag_values`` (``python -m sc_dpo_jax.attack`` calls it once, before parsing)."""
-  for kind, name, default, help_text, extra in _FLAGS:
-    getattr(flags, f"DEFINE_{kind}")(name, default, help=help_text, flag_values=flag_values, **extra)
+  from sc_dpo_jax.attack import define_flag_table  # pylint: disable=g-import-not-at-top
+  define_flag_table(_FLAGS, flag_values)
 
 
 def _flag(name: str):

@@ -62,18 +62,14 @@ import numpy as np
 
 from sc_dpo_jax.diffusion.ddim import DDIMConfig, ddim_step, ddim_timesteps
 from sc_dpo_jax.diffusion.sampling import guided_output
+from sc_dpo_jax.diffusion.safe_guidance import real_setting
 from sc_dpo_jax.diffusion.schedules import NoiseSchedule
 
 DEFAULT_ALPHA = 0.01
 
 
 def _real(name: str, value) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"ProjectionConfig.{name} must be a real number, got {value!r} ({type(value).__name__})")
-  value = float(value)
-  if not math.isfinite(value):
-    raise ValueError(f"ProjectionConfig.{name} must be finite, got {value}")
-  return value
+  return real_setting("ProjectionConfig", name, value)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,13 +51,18 @@ _PRESET_VALUES = {
 PRESET_NAMES = tuple(_PRESET_VALUES)
 
 
-def _real(name: str, value) -> float:
+def real_setting(owner: str, name: str, value) -> float:
+  """``value`` as a finite float; errors name ``owner.name`` (the settings classes of ``diffusion``)."""
   if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"SLDConfig.{name} must be a real number, got {value!r} ({type(value).__name__})")
+    raise TypeError(f"{owner}.{name} must be a real number, got {value!r} ({type(value).__name__})")
   value = float(value)
   if not math.isfinite(value):
-    raise ValueError(f"SLDConfig.{name} must be finite, got {value}")
+    raise ValueError(f"{owner}.{name} must be finite, got {value}")
   return value
+
+
+def _real(name: str, value) -> float:
+  return real_setting("SLDConfig", name, value)
 
 
 @dataclasses.dataclass(frozen=True)
