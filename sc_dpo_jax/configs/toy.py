@@ -185,6 +185,19 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   c.defence = ml_collections.ConfigDict(dict(concept=config_dict.placeholder(str), sld_preset="max"))
 
   # Draws per evaluation set (toy.evaluate): each unsafe set and each safe set; the same noise for every model.
+  # Red-teaming (toy/red_team.py): attacks behind a word filter that drops the concept's names; every row of
+  # the report (base, methods, defences) gets each attack's success rate.
+  c.attacks = ("ring_a_bell", "unlearndiff")
+  c.attack = ml_collections.ConfigDict(dict(
+      prompts=16 if quick else 32,           # direct prompts attacked, evenly spread over the set
+      images_per_prompt=2 if quick else 3,   # draws per attacked prompt (default: 96 images per set and row)
+      word_filter=True,                      # the concept's names are removed from prompts and barred from attacks
+      seed=0,
+      ring_a_bell=ml_collections.ConfigDict(dict(eta=2.0, length=4, population=48, generations=60, elite=4)),
+      unlearndiff=ml_collections.ConfigDict(dict(length=3, steps=30 if quick else 40, lr=0.05,
+                                                 timesteps_per_step=4, batch_size=32)),
+  ))
+
   c.eval = ml_collections.ConfigDict(dict(images_per_set=32 if quick else 96,
                                           images_per_safe_set=64 if quick else 192, seed=1234))
   return c

@@ -24,7 +24,10 @@ interrupted demo continues, and the notebook reads a finished one):
    defence of ``defences`` (``DEFENCES``: the base model sampled with the unsafe concept as negative prompt, with
    Safe Latent Diffusion, or with the SAFREE-style projection of the prompt away from the concept) is evaluated
    the same way and reported as one more row.
-6. **Report** (``toy.report``): ``report.md``, ``report.json``, sample grids and the trade-off plot
+6. **Attacks** (``toy.red_team``): each of ``attacks`` (Ring-A-Bell, black-box, searched once; UnlearnDiff,
+   white-box, per model) against every row, behind a word filter that drops the concept's names
+   (``config.attack``); the attack success rate is the unsafe rate of each row's images on the attack's prompts.
+7. **Report** (``toy.report``): ``report.md``, ``report.json``, sample grids and the trade-off plot
    (safe-and-intact on unsafe prompts against retention on safe prompts) in ``<workdir>/report``.
 """
 from __future__ import annotations
@@ -284,6 +287,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, where: Layout = None) -
   if unknown or not chosen:
     raise ValueError(f"config.methods = {config.methods!r}: unknown {unknown or 'none given'}; known: {METHODS}")
   defences(config)   # unknown names fail now, not after the training
+  from sc_dpo_jax.toy import red_team  # pylint: disable=g-import-not-at-top
+  chosen_attacks = red_team.attacks(config)
   t0 = time.time()
   where = where or layout(workdir)
   os.makedirs(where.stages, exist_ok=True)
@@ -341,6 +346,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, where: Layout = None) -
                                     **sampler)
     timings[f"evaluation:{name}"] = time.time() - t
 
+  attack_results = {}
+  if chosen_attacks:
+    t = time.time()
+    team = red_team.RedTeam(config.attack, world, evaluator, progress=bool(config.progress))
+    base_key = evaluator_key(evaluator, os.path.join(base, "pipeline"))
+    model_rows = {m: [(os.path.dirname(info["folder"]), _unet_loader(info["folder"]),
+                       evaluator_key(evaluator, info["folder"])) for _, info in sorted(by_seed.items())]
+                  for m, by_seed in aligned.items()}
+    defence_rows = {name: (os.path.join(where.base_eval, "defences", name), defence_sampler(config, world, name))
+                    for name in defences(config)}
+    attack_results = red_team.run_attacks(team, chosen_attacks, pipe, base_params=base_params, base_key=base_key,
+                                          base_folder=where.base_eval, models=model_rows, defences=defence_rows)
+    timings["attacks"] = time.time() - t
+
   datasets = {}
   from sc_dpo_jax.data import records  # pylint: disable=g-import-not-at-top
   for name, folder in folders.items():
@@ -350,10 +369,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, where: Layout = None) -
   report = report_lib.write_report(
       where.report, world=world, evaluator=evaluator, results=results, runs=runs,
       method_summaries={m: {s: a["summary"] for s, a in by_seed.items()} for m, by_seed in aligned.items()},
-      timings=timings,
+      timings=timings, attacks=attack_results, red_team=team if chosen_attacks else None,
       cost_model=cost_summary, datasets=datasets, config=config, total_seconds=time.time() - t0)
   print(f"\nThe toy-world report is in {report['markdown']}\n")
   return report["summary"]
+
+
+def _unet_loader(export: str) -> Callable[[], Any]:
+  from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
+  return lambda: models.load_unet(os.path.join(export, "unet"))[1]
 
 
 def _uses_cost_model(config) -> bool:

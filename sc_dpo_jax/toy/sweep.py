@@ -31,11 +31,11 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sc_dpo_jax.toy import demo, report
+from sc_dpo_jax.toy import demo, red_team, report
 
 # Sections of the toy config each shared stage reads (a sweep key under one of them gives it its own folder).
 STAGE_SECTIONS = ("seed", "world", "base", "cost_model", "data", "sampling")
-EVAL_SECTIONS = ("world", "base", "sampling", "eval")
+EVAL_SECTIONS = ("world", "base", "sampling", "eval", "attack")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,12 +148,14 @@ def pareto(rows: Sequence[Mapping[str, Any]]) -> List[bool]:
 def table(results: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -> List[Dict[str, Any]]:
   """One row per point and model from ``(name, overrides, report summary)``; the base once, and each
   training-free defence once unless the point overrides the ``defence`` settings (they are the base model
-  sampled another way: the same at every point)."""
+  sampled another way: the same at every point); a point that overrides the ``attack`` settings gets its own
+  base and defence rows (their attack success rates change). ``attacks``: each attack's success rate."""
   rows, done = [], set()
   for name, overrides, summary in results:
+    attacked = any(k == "attacks" or k.startswith("attack.") for k in overrides)
     for model, head in summary["headline"].items():
-      shared = model == "base" or (model in demo.DEFENCES and not any(
-          k == "defences" or k.startswith("defence.") for k in overrides))
+      shared = not attacked and (model == "base" or (model in demo.DEFENCES and not any(
+          k == "defences" or k.startswith("defence.") for k in overrides)))
       if shared:
         if model in done:
           continue
@@ -166,7 +168,8 @@ def table(results: Sequence[Tuple[str, Mapping[str, Any], Mapping[str, Any]]]) -
                    "retention": s["retention"], "retention_interval": s["intervals"]["retention"],
                    "broken_rate": u["broken_rate"], "unsafe_rate": u["unsafe_rate"],
                    "direct_unsafe_rate": summary["models"][model]["direct"]["unsafe_rate"],
-                   "seeds": u.get("seeds", 1)})
+                   "seeds": u.get("seeds", 1),
+                   "attacks": {a: r["unsafe_rate"] for a, r in summary.get("attacks", {}).get(model, {}).items()}})
   for row, front in zip(rows, pareto(rows)):
     row["pareto"] = front
   return rows
@@ -190,15 +193,18 @@ def write(workdir: str, axes: Sequence[Axis], rows: Sequence[Mapping[str, Any]])
   with open(os.path.join(workdir, "sweep.json"), "w") as f:
     json.dump({"axes": [dataclasses.asdict(a) for a in axes], "rows": list(rows)}, f, indent=2, default=str)
   keys = [a.key for a in axes]
+  attacks = [a for a in red_team.ATTACKS if any(a in r.get("attacks", {}) for r in rows)]
   lines = ["# Toy sweep", "", "Axes: " + "; ".join(f"`{a.key}` = {', '.join(map(str, a.values))}" for a in axes),
            "", "| model | " + " | ".join(keys) + " | safe & intact (unsafe prompts) | retention (safe prompts) | "
-           "broken (unsafe prompts) | unsafe: direct | seeds | Pareto |", "|---" * (len(keys) + 7) + "|"]
+           "broken (unsafe prompts) | unsafe: direct | " + "".join(f"attack: {a} | " for a in attacks) +
+           "seeds | Pareto |", "|---" * (len(keys) + 7 + len(attacks)) + "|"]
   for r in rows:
     values = [str(r["overrides"].get(k, "-")) for k in keys]
+    rates = "".join(f"{r['attacks'][a]:.3f} | " if a in r.get("attacks", {}) else "- | " for a in attacks)
     lines.append(f"| {r['model']} | " + " | ".join(values) +
                  f" | {_fmt(r['safe_and_intact'], r['safe_and_intact_interval'])}"
                  f" | {_fmt(r['retention'], r['retention_interval'])} | {r['broken_rate']:.3f} | "
-                 f"{r['direct_unsafe_rate']:.3f} | {r['seeds']} | {'yes' if r['pareto'] else ''} |")
+                 f"{r['direct_unsafe_rate']:.3f} | {rates}{r['seeds']} | {'yes' if r['pareto'] else ''} |")
   lines += ["", "![Pareto](pareto.png)", "", "Each point's full report: `points/<point>/report/report.md`.", ""]
   _plot(os.path.join(workdir, "pareto.png"), rows)
   path = os.path.join(workdir, "sweep.md")
