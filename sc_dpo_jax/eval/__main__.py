@@ -45,6 +45,11 @@ _NO_BLUR = flags.DEFINE_bool("no_blur", False, "Do not pixelate the detections i
 _GRID = flags.DEFINE_integer("grid_size", 8, "Worst cases shown per set.")
 _ATTENTION = flags.DEFINE_enum("attention", "reference", ["reference", "xla", "cudnn"], "Attention kernel.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+_SAFETY = flags.DEFINE_enum("safety", "none", ["none", "weak", "medium", "strong", "max"],
+                            "Safe Latent Diffusion on the model's sampling (diffusers' presets; needs --guidance > 1).")
+_SAFETY_CONCEPT = flags.DEFINE_string("safety_concept", None, "SLD's safety concept (default: diffusers' text).")
+_PROJECTION = flags.DEFINE_list("projection", [], "SAFREE-style projection of the model's prompts away from these "
+                                "concepts (comma-separated), e.g. nudity,naked.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.mark_flags_as_required(["model", "prompts"])
 
@@ -53,6 +58,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from sc_dpo_jax.eval.run import OutDirError, evaluate  # pylint: disable=g-import-not-at-top
+  safety = projection = None
+  if _SAFETY.value != "none":
+    from sc_dpo_jax.diffusion.safe_guidance import SLDConfig  # pylint: disable=g-import-not-at-top
+    kwargs = {"concept": _SAFETY_CONCEPT.value} if _SAFETY_CONCEPT.value else {}
+    safety = SLDConfig.preset(_SAFETY.value, **kwargs)
+  elif _SAFETY_CONCEPT.value:
+    raise app.UsageError("--safety_concept needs --safety")
+  if _PROJECTION.value:
+    from sc_dpo_jax.diffusion.prompt_projection import ProjectionConfig  # pylint: disable=g-import-not-at-top
+    projection = ProjectionConfig(concepts=tuple(_PROJECTION.value))
   try:
     result = evaluate(_MODEL.value, _PROMPTS.value, base=_BASE.value, out_dir=_OUT.value, detector=_DETECTOR.value,
                       clip=_CLIP.value, steps=_STEPS.value, guidance=_GUIDANCE.value, seed=_SEED.value,
@@ -60,7 +75,7 @@ def main(argv):
                       width=_WIDTH.value, negative_prompt=_NEGATIVE.value, limit=_LIMIT.value,
                       prompt_column=_COLUMN.value, blur=not _NO_BLUR.value, grid_size=_GRID.value,
                       dtype=_DTYPE.value, attention=_ATTENTION.value, overwrite=_OVERWRITE.value,
-                      progress=_PROGRESS.value)
+                      progress=_PROGRESS.value, safety=safety, projection=projection)
   except OutDirError as e:       # --out holds another evaluation: the message says what differs and what to do
     sys.exit(f"error: {e}")
   report = result["paths"]["markdown"]

@@ -24,6 +24,7 @@ CLIP score is the plain cosine in [-1, 1], as ``rewards.ClipScore`` (the literat
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import numpy as np
@@ -128,3 +129,18 @@ class Clip:
       return np.zeros(0, np.float32)
     fn = _image_cosine_fn()
     return np.asarray(fn(self.vision, int(self.vision.config.image_size), self.vision_params, a, b), np.float32)
+
+
+Z_95 = 1.959963984540054
+
+
+def wilson(k: float, n: int, z: float = Z_95):
+  """The Wilson score interval of ``k`` successes in ``n`` trials (95% by default): ``(lo, hi)``; (0, 1) for
+  ``n = 0``. Unlike ``p +- z sqrt(p(1-p)/n)`` it stays inside [0, 1] and is not empty at 0 or n successes."""
+  if n <= 0:
+    return 0.0, 1.0
+  p = k / n
+  denom = 1.0 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return max(0.0, centre - half), min(1.0, centre + half)

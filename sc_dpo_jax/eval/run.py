@@ -294,13 +294,16 @@ def evaluate(model, prompt_sets: Sequence[Union[str, prompts_lib.PromptSet]], *,
              height: Optional[int] = None, width: Optional[int] = None, negative_prompt: Optional[str] = None,
              limit: Optional[int] = None, prompt_column: str = "prompt", blur: bool = True, grid_size: int = 8,
              dtype: str = "float32", attention: str = "reference", overwrite: bool = False,
-             progress: bool = True, on_batch: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
+             progress: bool = True, on_batch: Optional[Callable[[int, int], None]] = None,
+             safety=None, projection=None) -> Dict[str, Any]:
   """Evaluates ``model`` (a diffusers folder or a loaded ``models.StableDiffusion``) on ``prompt_sets`` (specs
   ``path`` / ``name=path``, or ``PromptSet``s), against ``base`` when given; writes ``out_dir`` (any ``epath``
   folder; module docstring), resuming an unfinished evaluation of the same settings there, and returns the
   report's content (``report.json``), with ``paths`` of the written report. ``on_batch(done, total)`` is called
   after each generated batch's records are written (images done so far, images in the plan); an exception it
-  raises stops the run there, as a kill would."""
+  raises stops the run there, as a kill would. ``safety`` (Safe Latent Diffusion: a preset name or an
+  ``SLDConfig``) and ``projection`` (a SAFREE-style ``ProjectionConfig``) are training-free defences of
+  ``pipe.generate``, applied to the model (not to the base, which stays the undefended reference)."""
   start = time.time()
   if num_images < 1 or batch_size < 1 or grid_size < 1:
     raise ValueError(f"num_images ({num_images}), batch_size ({batch_size}) and grid_size ({grid_size}) must be "
@@ -315,6 +318,11 @@ def evaluate(model, prompt_sets: Sequence[Union[str, prompts_lib.PromptSet]], *,
   names = [s.name for s in sets]
   if len(set(names)) != len(names) or not names:
     raise ValueError(f"prompt sets {names}: give at least one, each with its own name")
+  from sc_dpo_jax.diffusion import safe_guidance  # pylint: disable=g-import-not-at-top
+  safety = safe_guidance.resolve(safety)
+  if safety is not None and not guidance > 1.0:
+    raise ValueError(f"safety (SLD) acts through classifier-free guidance: it needs guidance > 1, got {guidance}")
+  defence = {k: dataclasses.asdict(v) for k, v in (("safety", safety), ("projection", projection)) if v is not None}
   judge = EvalDetector(detector)
   items = plan(sets, num_images=num_images, seed=seed, guidance=guidance, negative_prompt=negative_prompt)
   by_key = {(it.set, it.image): it for it in items}
@@ -322,6 +330,8 @@ def evaluate(model, prompt_sets: Sequence[Union[str, prompts_lib.PromptSet]], *,
                                seed=seed, eta=eta, num_images=num_images, batch_size=batch_size, height=height,
                                width=width, negative_prompt=negative_prompt, limit=limit, dtype=dtype,
                                attention=attention)
+  if defence:
+    settings["defence"] = json.loads(json.dumps(defence))
   out = epath.Path(out_dir)
   earlier = _open_out_dir(out, settings, overwrite)
   records = read_records(out / RECORDS, by_key) if earlier is not None else {}
@@ -371,7 +381,7 @@ def evaluate(model, prompt_sets: Sequence[Union[str, prompts_lib.PromptSet]], *,
                   negative_prompt=[it.negative_prompt for it in padded], batch_size=batch_size, progress=False)
     prompts = [it.prompt.text for it in padded]
     t0 = time.time()
-    outs = {"model": pipe.generate(prompts, latents=latents, **kwargs)}
+    outs = {"model": pipe.generate(prompts, latents=latents, safety=safety, projection=projection, **kwargs)}
     if base_pipe is not None:
       outs["base"] = base_pipe.generate(prompts, latents=latents, **kwargs)
     gen_seconds += time.time() - t0
@@ -434,7 +444,7 @@ def evaluate(model, prompt_sets: Sequence[Union[str, prompts_lib.PromptSet]], *,
                    "clip": clip, "steps": steps, "guidance": guidance, "seed": seed, "eta": eta,
                    "num_images": num_images, "batch_size": batch_size, "height": height, "width": width,
                    "negative_prompt": negative_prompt, "limit": limit, "dtype": dtype, "attention": attention,
-                   "blur": blur, "prompt_sets": {s.name: s.path for s in sets}},
+                   "blur": blur, "prompt_sets": {s.name: s.path for s in sets}, "defence": defence or None},
       "notes": notes,
       "sets": by_set,
       "categories": by_category,

@@ -31,12 +31,12 @@ Every rate comes with its 95% Wilson interval (``intervals``): with 96 images a 
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from sc_dpo_jax.eval import metrics
 from sc_dpo_jax.toy import judge as judge_lib
 from sc_dpo_jax.toy import world as world_lib
 
@@ -46,19 +46,8 @@ SETS = UNSAFE_SETS + SAFE_SETS
 # Rates of a set (each with a Wilson interval) and the per-image flag each counts.
 RATES = ("unsafe_rate", "safe_and_intact", "intact", "broken_rate", "retention")
 COLOR_NAMES = tuple(world_lib.COLORS) + ("none",)
-Z_95 = 1.959963984540054
-
-
-def wilson(k: float, n: int, z: float = Z_95) -> Tuple[float, float]:
-  """The Wilson score interval of ``k`` successes in ``n`` trials (95% by default): ``(lo, hi)``; (0, 1) for
-  ``n = 0``. Unlike ``p +- z sqrt(p(1-p)/n)`` it stays inside [0, 1] and is not empty at 0 or n successes."""
-  if n <= 0:
-    return 0.0, 1.0
-  p = k / n
-  denom = 1.0 + z * z / n
-  centre = (p + z * z / (2 * n)) / denom
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return max(0.0, centre - half), min(1.0, centre + half)
+Z_95 = metrics.Z_95
+wilson = metrics.wilson      # the 95% Wilson score interval of k successes in n trials
 
 
 def rate(flags: np.ndarray) -> Dict[str, Any]:
