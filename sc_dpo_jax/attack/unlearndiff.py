@@ -57,7 +57,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -279,8 +279,9 @@ def _programs(text_encoder, unet, vae, schedule, *, length: int, samples: int, e
 
 def attack(pipe, prompts: Sequence[str], targets, *, length: int = 5, steps: int = 50, lr: float = 0.01,
            timesteps_per_step: int = 8, eval_timesteps: Optional[int] = None, blocklist: Sequence[str] = (),
-           seed: int = 0, batch_size: int = 8, metric: str = "cosine", progress: bool = True
-           ) -> List[AttackResult]:
+           seed: int = 0, batch_size: int = 8, metric: str = "cosine", progress: bool = True,
+           indices: Optional[Sequence[int]] = None,
+           on_batch: Optional[Callable[[List[int], List[AttackResult]], None]] = None) -> List[AttackResult]:
   """Attacks ``pipe`` (``models.StableDiffusion``, the aligned model) on each of ``prompts`` toward its target
   image (``targets``: uint8 ``[N, H, W, 3]`` or float in [0, 1], one per prompt); see the module docstring.
 
@@ -288,6 +289,10 @@ def attack(pipe, prompts: Sequence[str], targets, *, length: int = 5, steps: int
   pairs per prompt and step, ``eval_timesteps`` fixed pairs per prompt to pick the best tokens (default:
   ``max(timesteps_per_step, 8)``), ``blocklist`` words whose tokens may not be chosen, ``batch_size`` prompts
   optimised together in one program, ``metric`` of the projection (``"cosine"`` or ``"l2"``).
+
+  ``indices``: each prompt's index in its whole set (default ``0, 1, ...``), which keys its random draws: a
+  resumed run that attacks only the prompts not yet done passes their indices and gets what an uninterrupted
+  run would have. ``on_batch(indices, results)`` is called after each batch (what the CLI appends to its file).
   """
   prompts = list(prompts)
   if not prompts:
@@ -310,6 +315,9 @@ def attack(pipe, prompts: Sequence[str], targets, *, length: int = 5, steps: int
   if metric not in METRICS:
     raise ValueError(f"metric {metric!r}; choose one of {METRICS}")
   eval_timesteps = int(eval_timesteps or max(timesteps_per_step, 8))
+  indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
+  if len(indices) != len(prompts) or len(set(indices)) != len(indices):
+    raise ValueError(f"indices: {len(indices)} distinct indices needed for {len(prompts)} prompts")
 
   tok = pipe.tokenizer
   table_rows = int(token_table(pipe.params["text_encoder"]).shape[0])
@@ -329,9 +337,9 @@ def attack(pipe, prompts: Sequence[str], targets, *, length: int = 5, steps: int
     rows = np.arange(start, start + n)
     if len(starts) > 1 and n < batch_size:   # one program for every batch: pad the last one, drop the rest
       rows = np.concatenate([rows, np.full(batch_size - n, rows[-1])])
-    indices = jnp.asarray(rows, jnp.int32)
+    keys = jnp.asarray([indices[r] for r in rows], jnp.int32)
     template = jnp.asarray(templates[rows])
-    x0, embeds, opt_state, t_eval, eps_eval = init(pipe.params, jnp.asarray(images[rows]), indices, key, candidates)
+    x0, embeds, opt_state, t_eval, eps_eval = init(pipe.params, jnp.asarray(images[rows]), keys, key, candidates)
     source = np.asarray(evaluate_ids(pipe.params, jnp.asarray(tok([prompts[i] for i in rows])), x0, t_eval,
                                      eps_eval))
     best_loss = np.full(len(rows), np.inf)
@@ -341,7 +349,7 @@ def attack(pipe, prompts: Sequence[str], targets, *, length: int = 5, steps: int
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
     for i in bar:
       embeds, opt_state, index, train_loss, eval_loss = step(pipe.params, embeds, opt_state, template, x0, t_eval,
-                                                              eps_eval, indices, key, jnp.int32(i), candidates)
+                                                              eps_eval, keys, key, jnp.int32(i), candidates)
       index, eval_loss = np.asarray(index), np.asarray(eval_loss)
       better = eval_loss < best_loss
       best_loss = np.where(better, eval_loss, best_loss)
@@ -350,6 +358,7 @@ def attack(pipe, prompts: Sequence[str], targets, *, length: int = 5, steps: int
         history[r].append(float(eval_loss[r]))
       bar.set_postfix(loss=f"{float(np.mean(train_loss[:n])):.4f}", best=f"{float(np.mean(best_loss[:n])):.4f}")
     bar.close()
+    done = len(results)
     for r in range(n):
       prompt, ids = prompts[rows[r]], [int(t) for t in best_ids[r]]
       text = (decode(tok, ids) + " " + prompt).strip()
@@ -361,6 +370,8 @@ def attack(pipe, prompts: Sequence[str], targets, *, length: int = 5, steps: int
                         expected.tolist(), written.tolist())
       results.append(AttackResult(prompt=text, source_prompt=prompt, tokens=ids, adversarial=decode(tok, ids),
                                   loss=float(best_loss[r]), source_loss=float(source[r]), loss_history=history[r]))
+    if on_batch is not None:
+      on_batch([indices[r] for r in rows[:n]], results[done:])
   return results
 
 
@@ -399,7 +410,9 @@ _FLAGS = (
     ("float", "target_guidance", 7.5, "Guidance scale of the base model's target images.", {}),
     ("integer", "target_batch_size", 8, "Batch size of the base model's sampling.", {}),
     ("string", "attention", "reference", "Attention implementation (models.attention.IMPLEMENTATIONS).", {}),
-    ("string", "out", None, "The prompt file to write (.jsonl).", {}),
+    ("string", "out", None, "The prompt file to write (.jsonl); an existing one is resumed (its prompts are kept, "
+     "the others attacked and appended batch by batch).", {}),
+    ("bool", "overwrite", False, "Start --out afresh instead of resuming it.", {}),
     ("bool", "progress", True, "Show progress bars.", {}),
 )
 
@@ -453,26 +466,71 @@ def main(argv):
     raise app_usage("give --base (it draws the target images) or --target_images")
   rows = read_prompt_set(f["prompts"]).limit(f["limit"]).rows
   prompts = [r.text for r in rows]
+  out = f["out"]
+  if f["overwrite"] and os.path.exists(out):
+    os.remove(out)
+  done = done_prompts(out, prompts)
+  todo = [i for i in range(len(prompts)) if i not in done]
+  if done:
+    logging.info("%s already holds %d of %d prompts; resuming", out, len(done), len(prompts))
   start = time.time()
-  if f["target_images"]:
-    targets = read_images(f["target_images"])
-    if len(targets) < len(prompts):
-      raise ValueError(f"{f['target_images']}: {len(targets)} images for {len(prompts)} prompts")
-    targets = targets[:len(prompts)]
-  else:
-    base = load_pipeline(f["base"], attention=f["attention"])
-    targets = base.generate(prompts, seed=f["seed"], steps=f["target_steps"], guidance=f["target_guidance"],
-                            batch_size=f["target_batch_size"], progress=f["progress"])
-    del base
-  pipe = load_pipeline(f["model"], attention=f["attention"])
-  results = attack(pipe, prompts, targets, length=f["length"], steps=f["steps"], lr=f["lr"],
-                   timesteps_per_step=f["timesteps_per_step"], eval_timesteps=f["eval_timesteps"],
-                   blocklist=f["blocklist"], seed=f["seed"], batch_size=f["batch_size"], metric=f["metric"],
-                   progress=f["progress"])
-  write_jsonl(f["out"], results, [_extras(r) for r in rows])
-  mean = lambda xs: float(np.mean(xs))
-  print(f"unlearndiff: wrote {len(results)} prompts to {f['out']} in {time.time() - start:.0f} s; mean loss "
-        f"{mean([r.loss for r in results]):.4f} (plain prompts {mean([r.source_loss for r in results]):.4f})")
+  if todo:
+    if f["target_images"]:
+      targets = read_images(f["target_images"])
+      if len(targets) < len(prompts):
+        raise ValueError(f"{f['target_images']}: {len(targets)} images for {len(prompts)} prompts")
+    else:                  # every prompt's target (image i from noise i), so a resumed run gets the same ones
+      base = load_pipeline(f["base"], attention=f["attention"])
+      targets = base.generate(prompts, seed=f["seed"], steps=f["target_steps"], guidance=f["target_guidance"],
+                              batch_size=f["target_batch_size"], progress=f["progress"])
+      del base
+    pipe = load_pipeline(f["model"], attention=f["attention"])
+
+    def append(indices, results):
+      os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+      with open(out, "a", encoding="utf-8") as fh:
+        for i, result in zip(indices, results):
+          record = result.record(dict(_extras(rows[i]), index=i))
+          done[i] = record
+          fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    attack(pipe, [prompts[i] for i in todo], np.asarray(targets)[todo], length=f["length"], steps=f["steps"],
+           lr=f["lr"], timesteps_per_step=f["timesteps_per_step"], eval_timesteps=f["eval_timesteps"],
+           blocklist=f["blocklist"], seed=f["seed"], batch_size=f["batch_size"], metric=f["metric"],
+           progress=f["progress"], indices=todo, on_batch=append)
+  with open(out + ".tmp", "w", encoding="utf-8") as fh:      # in prompt order
+    fh.write("".join(json.dumps(done[i], ensure_ascii=False) + "\n" for i in range(len(prompts))))
+  os.replace(out + ".tmp", out)
+  mean = lambda key: float(np.mean([done[i][key] for i in range(len(prompts))]))  # noqa: E731
+  print(f"unlearndiff: wrote {len(todo)} prompts ({len(prompts) - len(todo)} already there) to {out} in "
+        f"{time.time() - start:.0f} s; mean loss {mean('loss'):.4f} (plain prompts {mean('source_loss'):.4f})")
+
+
+def done_prompts(path: str, prompts: Sequence[str]) -> Dict[int, Dict[str, Any]]:
+  """The records already in the output file ``path`` by prompt index (to resume); raises, naming the line, if it
+  was written for other prompts."""
+  done: Dict[int, Dict[str, Any]] = {}
+  if not os.path.exists(path):
+    return done
+  with open(path, encoding="utf-8") as f:
+    lines = f.read().split("\n")
+  for line_no, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      i = int(record["index"])
+    except (ValueError, KeyError, TypeError) as e:
+      if line_no == len(lines):       # the last line, cut short by a kill: attacked again
+        logging.warning("%s:%d: an incomplete last line is dropped", path, line_no)
+        continue
+      raise ValueError(f"{path}:{line_no}: not a record of this attack ({e}); use --overwrite or another --out"
+                       ) from None
+    if i >= len(prompts) or record.get("source_prompt") != prompts[i]:
+      raise ValueError(f"{path}:{line_no}: prompt {i} is {record.get('source_prompt')!r}, not this run's "
+                       f"{prompts[i] if i < len(prompts) else None!r}; use --overwrite or another --out")
+    done[i] = record
+  return done
 
 
 def app_usage(message: str) -> Exception:

@@ -100,18 +100,33 @@ def test_the_attack_lowers_its_loss_and_writes_prompts_that_tokenise_to_its_toke
   # seeded, and each prompt's run does not depend on the batching (batches of 3: the last one padded)
   again = ud.attack(base, prompts, targets, steps=3, batch_size=3, **kw)
   np.testing.assert_allclose([r.loss_history for r in again], [r.loss_history[:3] for r in results], rtol=1e-4)
+  # a resumed run attacks the prompts not yet done, under their indices: what the whole run gave them
+  seen = []
+  rest = ud.attack(base, prompts[1:], targets[1:], steps=3, batch_size=3, indices=range(1, len(prompts)),
+                   on_batch=lambda idx, res: seen.append((idx, [r.prompt for r in res])), **kw)
+  np.testing.assert_allclose([r.loss_history for r in rest], [r.loss_history for r in again[1:]], rtol=1e-4)
+  assert [r.tokens for r in rest] == [r.tokens for r in again[1:]]
+  assert [i for idx, _ in seen for i in idx] == list(range(1, len(prompts)))
+  assert [p for _, ps in seen for p in ps] == [r.prompt for r in rest]
 
 
 def test_cli_writes_a_prompt_file_that_eval_reads(tmp_path):
   prompts = tmp_path / "unsafe.csv"
   prompts.write_text('prompt,categories,evaluation_seed\n"a red circle",red,3\n"a ruby square on the top",red,4\n')
   out = tmp_path / "adv.jsonl"
-  proc = run([sys.executable, "-m", "sc_dpo_jax.attack", "unlearndiff", f"--model={BASE}", f"--base={BASE}",
-              f"--prompts={prompts}", "--length=2", "--steps=3", "--lr=0.05", "--timesteps_per_step=4",
-              "--blocklist=red,ruby", "--seed=1", "--target_steps=4", "--target_guidance=4",
-              f"--out={out}", "--noprogress"], timeout=300)
-  assert f"wrote 2 prompts to {out}" in proc.stdout
+  cmd = [sys.executable, "-m", "sc_dpo_jax.attack", "unlearndiff", f"--model={BASE}", f"--base={BASE}",
+         f"--prompts={prompts}", "--length=2", "--steps=3", "--lr=0.05", "--timesteps_per_step=4",
+         "--blocklist=red,ruby", "--seed=1", "--target_steps=4", "--target_guidance=4", f"--out={out}",
+         "--noprogress"]
+  proc = run(cmd, timeout=300)
+  assert f"wrote 2 prompts (0 already there) to {out}" in proc.stdout
   records = [json.loads(line) for line in out.read_text().splitlines()]
+  # Resume: as if killed after the first prompt's batch (and in the middle of writing the second line).
+  lines = out.read_text().splitlines()
+  out.write_text(lines[0] + "\n" + lines[1][:20])
+  again = run(cmd, timeout=300)
+  assert f"wrote 1 prompts (1 already there) to {out}" in again.stdout
+  assert [json.loads(line) for line in out.read_text().splitlines()] == records
   assert [r["source_prompt"] for r in records] == ["a red circle", "a ruby square on the top"]
   for r in records:
     assert {"prompt", "source_prompt", "loss", "source_loss", "tokens", "adversarial"} <= set(r)
