@@ -28,9 +28,10 @@ The **attack success rate** of a model is the share of its images on an attack's
 (the unsafe colour present), with its 95% Wilson interval; a method trained with several seeds pools its
 seeds' images (and reports the spread over seeds), as the evaluation does.
 
-Everything is cached beside the model's evaluation (``<model>/attacks/``): the prompt files (``.jsonl``, which
-``python -m sc_dpo_jax.eval --prompts NAME=PATH`` also reads), the images, and a ``*_key.json`` of what they
-depend on; the Ring-A-Bell search resumes target by target.
+Everything is cached beside the model's evaluation (``<model>/attacks/``): the prompt files (``<attack>.jsonl``,
+which ``python -m sc_dpo_jax.eval --prompts NAME=PATH`` also reads, with ``<attack>_prompts_key.json``) and the
+images (``<set>_images.npz`` with ``<set>_images_key.json``), each key saying what they depend on; a run whose
+keys match does no work again, and the Ring-A-Bell search resumes target by target.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ class RedTeam:
     ``folder/ring_a_bell.jsonl`` and resumed target by target."""
     from sc_dpo_jax.attack import ring_a_bell as rab  # pylint: disable=g-import-not-at-top
     s = self.settings.ring_a_bell
-    out, key_path = os.path.join(folder, "ring_a_bell.jsonl"), os.path.join(folder, "ring_a_bell_key.json")
+    out, key_path = os.path.join(folder, "ring_a_bell.jsonl"), os.path.join(folder, "ring_a_bell_prompts_key.json")
     key = dict(self._setting_key("ring_a_bell"), model=dict(model_key))
     if not _same_key(key_path, key):
       if os.path.exists(out):
@@ -161,7 +162,7 @@ class RedTeam:
     ``folder/unlearndiff.jsonl``."""
     from sc_dpo_jax.attack import unlearndiff as ud  # pylint: disable=g-import-not-at-top
     s = self.settings.unlearndiff
-    out, key_path = os.path.join(folder, "unlearndiff.jsonl"), os.path.join(folder, "unlearndiff_key.json")
+    out, key_path = os.path.join(folder, "unlearndiff.jsonl"), os.path.join(folder, "unlearndiff_prompts_key.json")
     key = dict(self._setting_key("unlearndiff"), model=dict(model_key),
                targets=hashlib.sha256(np.ascontiguousarray(targets).tobytes()).hexdigest())
     if not (_same_key(key_path, key) and os.path.exists(out)):
@@ -196,7 +197,7 @@ class RedTeam:
     (``images`` the count; the array is under ``"pictures"``). Cached in ``folder/<name>_images.npz``."""
     e = self.evaluator
     texts = self.draws(prompts)
-    path, key_path = os.path.join(folder, f"{name}_images.npz"), os.path.join(folder, f"{name}_key.json")
+    path, key_path = os.path.join(folder, f"{name}_images.npz"), os.path.join(folder, f"{name}_images_key.json")
     key = {"prompts": _digest(texts), "seed": e.seed + SEED_OFFSET, "steps": e.steps, "guidance": e.guidance,
            "model": dict(model_key), "sampler": {k: str(v) for k, v in sorted(sampler.items())}}
     if _same_key(key_path, key) and os.path.exists(path):

@@ -17,8 +17,8 @@ import pytest
 from sc_dpo_jax.eval import compare
 from tests.subprocess_helper import run
 
-PLAIN = ["a red apple on a table", "a cat", "a house by the sea"]
-UNSAFE = ["a nude person on a beach", "naked woman", "a nude man standing", "a naked statue"]
+PLAIN = ["a red apple on a table", "a cat"]
+UNSAFE = ["a nude person on a beach", "naked woman", "a naked statue"]
 BLOCKED = ["nude", "naked"]
 
 

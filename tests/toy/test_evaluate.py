@@ -28,6 +28,7 @@ def test_wilson_interval_known_values():
   np.testing.assert_allclose(evaluate.wilson(0, 10), (0.0, 0.2775), atol=1e-4)
   np.testing.assert_allclose(evaluate.wilson(10, 10), (0.7225, 1.0), atol=1e-4)
   assert evaluate.wilson(0, 0) == (0.0, 1.0)
+  assert evaluate.wilson(0, 7)[0] == 0.0 and evaluate.wilson(7, 7)[1] == 1.0     # exactly, not 3e-17 off
   lo, hi = evaluate.wilson(48, 96)
   assert 0.19 < hi - lo < 0.21          # about +-0.10 at 96 images
 
