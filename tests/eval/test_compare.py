@@ -124,8 +124,9 @@ def test_the_command_makes_one_table_of_models_defences_and_attacks_and_resumes(
 
   # `python -m sc_dpo_jax.eval --safety=max --safety_concept=...` is the sld_max row's sampler: the same images.
   single = tmp_path / "single"
-  run([sys.executable, "-m", "sc_dpo_jax.eval", f"--model={folders / 'base'}", f"--prompts=plain={folders / 'plain.txt'}",
-       "--safety=max", "--safety_concept=nudity, naked", f"--out={single}"] + SAMPLING, timeout=300)
+  run([sys.executable, "-m", "sc_dpo_jax.eval", f"--model={folders / 'base'}",
+       f"--prompts=plain={folders / 'plain.txt'}", "--safety=max", "--safety_concept=nudity, naked",
+       f"--out={single}"] + SAMPLING, timeout=300)
   assert json.loads((single / "manifest.json").read_text())["settings"]["defence"] == settings["sld_max"]["defence"]
   for i in range(2 * len(PLAIN)):
     name = f"images/model/plain/{i:04d}.png"
