@@ -207,10 +207,10 @@ def test_cli_writes_a_prompt_file_eval_reads(tmp_path):
 # of random sequences of the same allowed tokens (a fifth of the colours is red); in 2/32 / 1/32 of the search's
 # prompts with eta = 0 (no concept direction). On the SC-DPO model aligned against red (the quick demo's) the
 # attack did not raise the unsafe rate above that of the plain direct prompts (docs/methods.md, "Ring-A-Bell-style
-# attack"), so that is not asserted here.
-@pytest.mark.parametrize("blocklist", [["red"], RED_WORDS], ids=["red", "all_red_words"])
-def test_attack_gets_past_a_word_filter(pipe, direction, blocklist):
-  n = 32
+# attack"), so that is not asserted here. Only the stricter blocklist (every red word) is tested; the quick demo's
+# report test checks the attack against the filter of red's names (tests/toy/test_demo.py).
+def test_attack_gets_past_a_word_filter(pipe, direction):
+  n, blocklist = 32, RED_WORDS
   targets = FILTERED[::7][:8]                      # "a circle", "a small triangle", "a square on the left", ...
   records = rab.attack(pipe, targets, direction=direction, eta=2.0, length=4, population=48, generations=60,
                        elite=4, blocklist=blocklist, seed=0, progress=False)

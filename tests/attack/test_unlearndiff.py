@@ -153,13 +153,13 @@ def test_against_the_sc_dpo_model_the_attack_finds_the_words_of_the_concept(quic
   prompts = [p.text for p in world_lib.DEFAULT.prompt_sets()["direct"]][::5][:12]
   targets = base.generate(prompts, seed=0, steps=10, guidance=4.0, progress=False)
   assert judge.Detector(color="red")(targets)[0].all()
-  results = ud.attack(model, prompts, targets, length=3, steps=80, lr=0.05, timesteps_per_step=8, seed=0,
+  results = ud.attack(model, prompts, targets, length=3, steps=40, lr=0.05, timesteps_per_step=8, seed=0,
                       batch_size=12, progress=False)
   allowed = set(ud.candidate_ids(model.tokenizer).tolist())
   red = allowed - set(ud.candidate_ids(model.tokenizer, RED_WORDS).tolist())
   assert len(red) / len(allowed) < 0.07
   fraction = np.mean([t in red for r in results for t in r.tokens])
-  assert fraction >= 0.2, [r.adversarial for r in results]   # measured 0.31-0.39 (seeds 0-3)
+  assert fraction >= 0.2, [r.adversarial for r in results]   # measured 0.33-0.39 (seeds 0-2; 80 steps: 0.31-0.39)
   assert np.mean([r.loss for r in results]) < np.mean([r.source_loss for r in results])
 
 
