@@ -28,6 +28,7 @@ batch by batch); ``<out>/compare.md`` and ``compare.json`` the table.
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
@@ -105,7 +106,7 @@ def _text_encoder_differs(base: str, model: str) -> bool:
   a, b = storage.join(base, name), storage.join(model, name)
   if not (os.path.exists(a) and os.path.exists(b)):
     return False
-  return os.path.getsize(a) != os.path.getsize(b) or open(a, "rb").read() != open(b, "rb").read()
+  return not filecmp.cmp(a, b, shallow=False)          # byte by byte, in chunks (SD's is 0.5 GB)
 
 
 def make_attacks(models: Sequence[Tuple[str, str]], *, out_dir: str, attack_prompts: str, attacks: Sequence[str],

@@ -131,3 +131,13 @@ def test_the_command_makes_one_table_of_models_defences_and_attacks_and_resumes(
   for i in range(2 * len(PLAIN)):
     name = f"images/model/plain/{i:04d}.png"
     assert (single / name).read_bytes() == (out / "rows/sld_max" / name).read_bytes(), name
+
+
+def test_a_model_with_another_text_encoder_is_told_apart(tmp_path):
+  """Ring-A-Bell is searched on the base's text encoder only; a model whose encoder differs is warned about."""
+  for name, content in (("base", b"x" * 10), ("same", b"x" * 10), ("other", b"x" * 9 + b"y")):
+    (tmp_path / name / "text_encoder").mkdir(parents=True)
+    (tmp_path / name / "text_encoder" / "model.safetensors").write_bytes(content)
+  assert not compare._text_encoder_differs(str(tmp_path / "base"), str(tmp_path / "same"))
+  assert compare._text_encoder_differs(str(tmp_path / "base"), str(tmp_path / "other"))
+  assert not compare._text_encoder_differs(str(tmp_path / "base"), str(tmp_path / "missing"))
