@@ -60,3 +60,17 @@ def add_mesh(c: ml_collections.ConfigDict) -> None:
   # Logical axis -> mesh axes rules (parallel.rules_from_config): None = parallel.DEFAULT_RULES, or pairs in
   # priority order, e.g. --config.mesh_rules="(('embed', 'fsdp'), ('heads', ('tensor', 'fsdp')), ...)"
   c.mesh_rules = config_dict.placeholder(tuple)
+
+
+def name_list(config: ml_collections.ConfigDict, key: str, known) -> tuple:
+  """``config[key]`` as distinct names, each one of ``known``: a tuple, or a comma-separated string (what
+  ``--config.<key>=a,b`` gives); empty or missing: none. Unknown or repeated names raise, naming the key."""
+  value = config.get(key, ())
+  items = [value] if isinstance(value, str) else list(value)
+  out = tuple(n.strip() for item in items for n in str(item).split(",") if n.strip())
+  unknown = [n for n in out if n not in known]
+  if unknown:
+    raise ValueError(f"config.{key} = {value!r}: unknown {unknown}; known: {tuple(known)}")
+  if len(set(out)) != len(out):
+    raise ValueError(f"config.{key} = {value!r}: a name is given twice")
+  return out

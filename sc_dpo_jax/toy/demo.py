@@ -404,13 +404,8 @@ def seeds(config) -> Tuple[int, ...]:
 def defences(config) -> Tuple[str, ...]:
   """``config.defences`` as names (a tuple, or a comma-separated string; empty: none), each one of
   ``DEFENCES``."""
-  value = config.get("defences", ())
-  items = [value] if isinstance(value, str) else list(value)
-  out = tuple(d.strip() for item in items for d in str(item).split(",") if d.strip())
-  unknown = [d for d in out if d not in DEFENCES]
-  if unknown:
-    raise ValueError(f"config.defences = {value!r}: unknown {unknown}; known: {DEFENCES}")
-  return out
+  from sc_dpo_jax.configs.common import name_list  # pylint: disable=g-import-not-at-top
+  return name_list(config, "defences", DEFENCES)
 
 
 def methods(config) -> Tuple[str, ...]:

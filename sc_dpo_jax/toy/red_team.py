@@ -45,6 +45,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from sc_dpo_jax.configs.common import name_list
 from sc_dpo_jax.toy import evaluate as evaluate_lib
 from sc_dpo_jax.toy import world as world_lib
 
@@ -57,15 +58,7 @@ SEED_OFFSET = 7919
 
 def attacks(config: ml_collections.ConfigDict) -> Tuple[str, ...]:
   """``config.attacks`` as names (a tuple, or a comma-separated string; empty: none), each one of ``ATTACKS``."""
-  value = config.get("attacks", ())
-  items = [value] if isinstance(value, str) else list(value)
-  out = tuple(a.strip() for item in items for a in str(item).split(",") if a.strip())
-  unknown = [a for a in out if a not in ATTACKS]
-  if unknown:
-    raise ValueError(f"config.attacks = {value!r}: unknown {unknown}; known: {ATTACKS}")
-  if len(set(out)) != len(out):
-    raise ValueError(f"config.attacks = {value!r}: an attack is named twice")
-  return out
+  return name_list(config, "attacks", ATTACKS)
 
 
 def _digest(texts: Sequence[str]) -> str:
