@@ -109,6 +109,12 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       # "std": each term divided by its standard deviation over the iteration's samples before weighting, so the
       # weights say how much each term counts whatever its units; "none": the raw weighted sum.
       normalize="std",
+      # What the CLIP term scores each image against: "prompt" (the sampled prompt: ShieldDiff's quality term)
+      # or "rewrite" (this project's formulation: the prompt's safe rewrite, the prompt dataset's
+      # prompt_chosen; a safe prompt's rewrite is itself). With "prompt" the CLIP term of a harmful prompt
+      # rewards the concept it names, against the safety term; with "rewrite" both prefer the image the
+      # rewrite describes, and the CLIP term only guards its content.
+      clip_text="prompt",
       clip_folder=config_dict.placeholder(str),        # a CLIPModel folder (both towers + tokenizer files)
       cost_model_folder=config_dict.placeholder(str),  # rewards.save_cost_model's folder
       cost_clip_folder=config_dict.placeholder(str),   # the cost model's CLIP vision tower; default clip_folder

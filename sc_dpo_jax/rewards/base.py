@@ -7,7 +7,7 @@ are not JAX), so any callable with this signature is a reward; the classes here 
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,14 +36,23 @@ class WeightedSum:
       raise ValueError("WeightedSum needs at least one part")
     self.parts = dict(parts)
 
-  def __call__(self, images, prompts):
+  def __call__(self, images, prompts, texts: Optional[Mapping[str, Sequence[str]]] = None):
+    """``texts``: per part name, the texts that part scores the images against instead of ``prompts`` (the RL
+    trainer's ``reward.clip_text = "rewrite"``: the CLIP term reads each prompt's safe rewrite)."""
     batch = len(prompts)
     if np.shape(images)[0] != batch:
       raise ValueError(f"{np.shape(images)[0]} images for {batch} prompts")
+    texts = dict(texts or {})
+    unknown = sorted(set(texts) - set(self.parts))
+    if unknown:
+      raise ValueError(f"texts for {unknown}, which are not parts of this reward ({sorted(self.parts)})")
     total = np.zeros(batch, np.float32)
     info: Dict[str, np.ndarray] = {}
     for name, (weight, fn) in self.parts.items():
-      rewards, part_info = check_output(name, *fn(images, prompts), batch)
+      own = texts.get(name, prompts)
+      if len(own) != batch:
+        raise ValueError(f"{len(own)} texts for part {name!r} and {batch} images")
+      rewards, part_info = check_output(name, *fn(images, own), batch)
       total += np.float32(weight) * rewards
       info[name] = rewards
       info.update({f"{name}/{k}": v for k, v in part_info.items()})

@@ -23,7 +23,9 @@ What :func:`train_rl` does, in order (the same workdir layout as the DPO trainer
    ``reward.cost_model_folder``) and ``nudity`` (NudeNet's nudity score, ``rewards.NudityReward``: higher is
    more nudity, so it takes a negative weight like the cost; off by default), combined by
    ``rewards.WeightedSum``; each term divided by its standard deviation over the iteration's samples before
-   weighting (``reward.normalize``, ``train.advantages.normalised_reward``). ``tiny`` without those folders
+   weighting (``reward.normalize``, ``train.advantages.normalised_reward``). ``reward.clip_text``: the CLIP
+   term scores each image against its prompt (``"prompt"``) or the prompt's safe rewrite (``"rewrite"``, the
+   records' ``prompt_chosen``; ours). ``tiny`` without those folders
    uses a random tiny CLIP pair and a random cost adapter on its vision tower: PLUMBING ONLY, the rewards mean
    nothing. The reward runs on the host, on each
    process's own images; prompts and rewards of all processes are gathered (``parallel.multihost``).
@@ -57,7 +59,7 @@ Returns a summary dict (also ``<workdir>/summary.json``). Checkpoint and metric 
 from __future__ import annotations
 
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +81,7 @@ from sc_dpo_jax.train.advantages import PerPromptAdvantages
 from sc_dpo_jax.train.base_model import load_models
 
 METHOD = "shielddiff_rl"
+CLIP_TEXTS = ("prompt", "rewrite")   # reward.clip_text: what the CLIP term scores images against
 EXTRA_ADVANTAGES = "advantages"
 
 # -- prompts ------------------------------------------------------------------------------------------------------
@@ -99,6 +102,8 @@ def prompts_per_process(config: ml_collections.ConfigDict) -> int:
   if config.reward.normalize not in advantages_lib.NORMALIZE:
     raise ValueError(f"config.reward.normalize = {config.reward.normalize!r}; choose one of "
                      f"{advantages_lib.NORMALIZE}")
+  if config.reward.clip_text not in CLIP_TEXTS:
+    raise ValueError(f"config.reward.clip_text = {config.reward.clip_text!r}; choose one of {CLIP_TEXTS}")
   if samples % per_prompt:
     raise ValueError(f"config.rl.samples_per_iteration = {samples} is not a multiple of "
                      f"config.rl.samples_per_prompt = {per_prompt}")
@@ -127,6 +132,11 @@ def open_prompts(config: ml_collections.ConfigDict, workdir: str, pipe) -> data_
                      f"safe rewrite, but the prompt dataset {config.data.train or source.name} has none (the field "
                      f"'prompt_chosen', record spec has_chosen_prompt; data.curate.write_prompts(..., rewrites=...) "
                      f"writes it). Set --config.rl.rewrite_samples=0 or give a dataset with rewrites")
+  if config.reward.clip_text == "rewrite" and float(config.reward.weights.get("clip_score", 0.0)) and \
+      not source.spec.has_chosen_prompt:
+    raise ValueError(f"config.reward.clip_text = 'rewrite' scores the CLIP term against each prompt's safe rewrite, "
+                     f"but the prompt dataset {config.data.train or source.name} has none (the field "
+                     f"'prompt_chosen'). Set --config.reward.clip_text=prompt or give a dataset with rewrites")
   return data_pipeline.DataIterator(
       source, batch_size=prompts_per_process(config), seed=config.seed, shuffle_buffer=int(d.shuffle_buffer),
       skip_bad_records=bool(d.skip_bad_records), tokenizer=pipe.tokenizer)
@@ -205,6 +215,17 @@ def make_update_step(pipe, config: ddpo.DDPOConfig):
     return update(state, frozen, minibatch, rng)
 
   return guard.skip_nonfinite(step)
+
+
+def reward_texts(config: ml_collections.ConfigDict, parts: Mapping[str, Any], host: Mapping[str, Any],
+                 samples_per_prompt: int) -> Optional[Dict[str, List[str]]]:
+  """Per reward term, the texts it scores the samples against when not their prompts: with
+  ``reward.clip_text = "rewrite"`` the CLIP term reads each prompt's safe rewrite (``host["prompt_chosen"]``,
+  repeated for the prompt's ``samples_per_prompt`` samples as the prompts are). None: every term reads the
+  prompts."""
+  if config.reward.clip_text != "rewrite" or "clip_score" not in parts:
+    return None
+  return {"clip_score": [str(p) for p in host["prompt_chosen"] for _ in range(samples_per_prompt)]}
 
 
 def _rewrite_stats(reward: np.ndarray, advantages: np.ndarray, rewrite_rows: np.ndarray) -> Dict[str, float]:
@@ -344,7 +365,8 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
       samples, text = compiled_sample(state, frozen, batch, sample_key)
       images = multihost.local_rows(samples.images, mesh)
       t1 = time.time()
-      _, info = reward_fn(images, prompts)
+      _, info = reward_fn(images, prompts,
+                          texts=reward_texts(c, reward_fn.parts, host, samples_per_prompt))
       all_prompts, gathered = multihost.gather(prompts, info)
       # The reward of the global batch, each term scaled (reward.normalize), then the advantages (rl.advantages).
       reward, scales = advantages_lib.normalised_reward(gathered, weights, str(c.reward.normalize))

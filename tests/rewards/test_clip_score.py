@@ -56,3 +56,16 @@ def test_clip_score_matches_transformers(clip_folder):
   assert set(info) == {"clip", "bright"}
   with pytest.raises(ValueError, match="3 images for 2 prompts"):
     reward(images, prompts[:2])
+  # Per-part texts (the RL trainer's reward.clip_text = "rewrite"): that part scores against them, the
+  # others against the prompts; texts for an unknown part, or of the wrong length, are errors.
+  rewrites = ["green dog", "a red cat", "blue"]
+  expected_rewrites, _ = reward(images, rewrites)
+  total, info = WeightedSum({"clip": (1.0, reward), "bright": (-1.0, brightness)})(
+      images, prompts, texts={"clip": rewrites})
+  np.testing.assert_allclose(info["clip"], expected_rewrites, atol=1e-6)
+  assert not np.allclose(info["clip"], got, atol=1e-3)
+  np.testing.assert_allclose(total, expected_rewrites - images.mean(axis=(1, 2, 3)) / 255, atol=1e-5)
+  with pytest.raises(ValueError, match=r"texts for \['nudity'\]"):
+    WeightedSum({"clip": (1.0, reward)})(images, prompts, texts={"nudity": prompts})
+  with pytest.raises(ValueError, match="2 texts for part 'clip' and 3 images"):
+    WeightedSum({"clip": (1.0, reward)})(images, prompts, texts={"clip": prompts[:2]})

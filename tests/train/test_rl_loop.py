@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ def _command(workdir):
           f"--workdir={workdir}", f"--config.train.iterations={ITERATIONS}", "--config.train.checkpoint_every=1",
           "--config.train.progress=False", "--config.train.eval_prompts=()", "--config.rl.timestep_fraction=0.25",
           f"--config.rl.samples_per_iteration={SAMPLES}", f"--config.rl.samples_per_prompt={PER_PROMPT}",
-          "--config.rl.rewrite_samples=1", "--config.rl.kl_weight=0.1"]
+          "--config.rl.rewrite_samples=1", "--config.rl.kl_weight=0.1", "--config.reward.clip_text=rewrite"]
 
 
 def _env(cache):
@@ -162,10 +163,44 @@ def test_config_variants_and_reward_errors_name_the_key():
       rl_loop.check_config(tiny)
   tiny.rl.rewrite_samples = 1
   rl_loop.check_config(tiny)
+  tiny.reward.clip_text = "safe"
+  with pytest.raises(ValueError, match=r"config.reward.clip_text = 'safe'; choose one of \('prompt', 'rewrite'\)"):
+    rl_loop.check_config(tiny)
+  # reward.clip_text = "rewrite": the CLIP term reads each prompt's safe rewrite, once per sample of the prompt.
+  host = {"prompt": np.array(["a red cat", "a dog"], object), "prompt_chosen": np.array(["a blue cat", "a dog"], object)}
+  parts = {"clip_score": None, "safety_cost": None}
+  assert rl_loop.reward_texts(tiny, parts, host, 2) is None
+  tiny.reward.clip_text = "rewrite"
+  assert rl_loop.reward_texts(tiny, parts, host, 2) == {"clip_score": ["a blue cat", "a blue cat", "a dog", "a dog"]}
+  assert rl_loop.reward_texts(tiny, {"safety_cost": None}, host, 2) is None
   records = synthetic.synthetic_prompt_records(4)
   assert [r["categories"] for r in records] == ["red", "", "red", ""]
   assert [r["prompt_chosen"] for r in records] == ["a blue square", "a blue square", "a green circle",
                                                    "a green circle"]
+
+
+def test_rewrites_are_required_of_the_prompt_dataset_by_the_keys_that_read_them(tmp_path):
+  """rl.rewrite_samples and reward.clip_text = "rewrite" read each prompt's safe rewrite (prompt_chosen): a prompt
+  dataset without it is refused before any model is loaded, naming the key and the dataset."""
+  from sc_dpo_jax.configs import shielddiff_rl as rl_config
+  from sc_dpo_jax.data import records, schema, synthetic
+  from sc_dpo_jax.train import rl_loop
+  rows = [{k: v for k, v in r.items() if k != "prompt_chosen"} for r in synthetic.synthetic_prompt_records(4)]
+  folder = str(tmp_path / "plain_prompts")
+  records.write_records(folder, schema.prompt_spec(has_chosen_prompt=False), rows, name="plain_prompts")
+  config = rl_config.rl_config("tiny")
+  config.data.train = folder
+  config.rl.rewrite_samples = 1
+  with pytest.raises(ValueError, match=r"config.rl.rewrite_samples = 1 .* has none \(the field 'prompt_chosen'"):
+    rl_loop.open_prompts(config, str(tmp_path), pipe=None)
+  config.rl.rewrite_samples = 0
+  config.reward.clip_text = "rewrite"
+  with pytest.raises(ValueError, match=rf"config.reward.clip_text = 'rewrite' .*{folder} has none"):
+    rl_loop.open_prompts(config, str(tmp_path), pipe=None)
+  config.reward.weights.clip_score = 0.0     # no CLIP term: nothing reads the rewrites
+  it = rl_loop.open_prompts(config, str(tmp_path), pipe=types.SimpleNamespace(tokenizer=None))
+  assert rl_loop.prompts_per_process(config) == len(rows)     # one batch is the whole set, in some order
+  assert sorted(next(it)["prompt"]) == sorted(r["prompt"] for r in rows)
 
 
 def test_checkpoint_extra_item_round_trips_and_is_optional(tmp_path):
