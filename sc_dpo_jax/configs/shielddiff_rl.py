@@ -88,6 +88,9 @@ def rl_config(variant: str = "tiny") -> ml_collections.ConfigDict:
       # "per_prompt" (DDPO: buffers of each prompt's last rewards, advantage_buffer / advantage_min_count) or
       # "group" (the iteration's samples of each prompt compared with each other; needs samples_per_prompt >= 2).
       advantages="per_prompt",
+      # Negative advantages are multiplied by this (ours; DDPO's is 1): 0 trains only the samples better than
+      # their baseline, pulling the policy toward them without pushing it away from the rest.
+      negative_advantage_weight=1.0,
       advantage_buffer=16,                   # per-prompt buffer of the last rewards (train.advantages)
       advantage_min_count=16,                # below this many, batch statistics are used
       # Rewrite exploration (this project's formulation, not DDPO's nor ShieldDiff's): of each prompt's

@@ -108,6 +108,17 @@ def group_advantages(prompts: Sequence[str], rewards) -> Tuple[np.ndarray, Dict[
           {"groups": float(len(means)), "within_std": within, "between_std": float(np.std(means))})
 
 
+def weigh_negative(advantages, weight: float) -> np.ndarray:
+  """``advantages`` with every negative entry multiplied by ``weight`` (``rl.negative_advantage_weight``): 1
+  leaves them as DDPO does, 0 trains only the samples better than their baseline (pulls toward them, never
+  pushes away from the others)."""
+  weight = float(weight)
+  if not (np.isfinite(weight) and weight >= 0):
+    raise ValueError(f"config.rl.negative_advantage_weight = {weight} must be finite and >= 0")
+  advantages = np.asarray(advantages, np.float32)
+  return np.where(advantages < 0, np.float32(weight) * advantages, advantages).astype(np.float32)
+
+
 def normalised_reward(terms: Dict[str, np.ndarray], weights: Dict[str, float],
                       normalize: str) -> Tuple[np.ndarray, Dict[str, float]]:
   """``sum_name weights[name] * terms[name] / scale[name]`` and the scales used.

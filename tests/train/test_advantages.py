@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from sc_dpo_jax.train import advantages
 from sc_dpo_jax.train.advantages import PerPromptAdvantages
 
 
@@ -105,3 +106,14 @@ def test_normalised_reward_makes_the_weights_mean_what_they_say():
   assert np.all(np.isfinite(const))
   with pytest.raises(ValueError, match="config.reward.normalize"):
     normalised_reward(terms, weights, "minmax")
+
+
+def test_weigh_negative_scales_only_the_negative_advantages():
+  a = np.array([-2.0, -0.5, 0.0, 0.25, 3.0], np.float32)
+  np.testing.assert_array_equal(advantages.weigh_negative(a, 1.0), a)
+  np.testing.assert_array_equal(advantages.weigh_negative(a, 0.0), [0.0, 0.0, 0.0, 0.25, 3.0])
+  np.testing.assert_allclose(advantages.weigh_negative(a, 0.5), [-1.0, -0.25, 0.0, 0.25, 3.0])
+  assert advantages.weigh_negative(a, 0.5).dtype == np.float32
+  for bad in (-0.1, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="negative_advantage_weight"):
+      advantages.weigh_negative(a, bad)
