@@ -11,6 +11,7 @@ Focusing Mechanism weighting hard pairs), not the equations. The equations below
     z      = inside - margin
     w      = stop_gradient((1 - sigmoid(z)) ** focus_gamma), normalised to mean 1 over the batch
     loss   = mean(w * -log sigmoid(z)) + retention_weight * R        R: the retention term (below)
+             + preserve_weight * P                                   P: "preserve"'s term, added to any R
 
 * **Calibrated costs.** The cost model is a logistic classifier at cost 0 (``losses/cost_model.py``: its
   anchoring term is ``-log sigmoid(label * cost)``), so ``sigmoid(cost)`` is its probability that the image is
@@ -28,6 +29,9 @@ Focusing Mechanism weighting hard pairs), not the equations. The equations below
     not harmful (the records' ``harmful_prompt`` = 0); a mean over all pairs, so gradient accumulation gives
     the same value;
   - ``"none"``: ``R = 0``.
+
+  ``preserve_weight`` adds the output preservation term ``P`` (``"preserve"``'s) on top of whichever ``R``
+  (e.g. SFT on the chosen images and preservation of the clean prompts' outputs together); 0: no ``P``.
 
 * The margin makes a pair whose rejected image is much more harmful than the chosen one demand a larger
   implicit-reward gap: the policy must beat the reference by more than the safety gap. Costs come from the
@@ -112,7 +116,8 @@ def focusing_weights(z: jax.Array, focus_gamma) -> jax.Array:
 
 def sc_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cost_w, cost_l, *, beta, cost_margin_scale,
                 focus_gamma, cost_transform: str = "probability", retention: jax.Array = None,
-                retention_weight=0.0) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+                retention_weight=0.0, preservation: jax.Array = None,
+                preserve_weight=0.0) -> Tuple[jax.Array, Dict[str, jax.Array]]:
   """SC-DPO on per-pair errors and safety costs (see the module docstring).
 
   Args:
@@ -124,6 +129,8 @@ def sc_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cost_w, cost_l, *, beta, cos
     cost_transform: ``"probability"`` (margin on ``sigmoid(cost)``) or ``"raw"`` (on the costs themselves).
     retention: the retention term ``R`` (:func:`retention_term`), a scalar; None: 0.
     retention_weight: its weight, >= 0.
+    preservation: the output preservation term ``P`` (``retention_term("preserve", ...)``), a scalar; None: 0.
+    preserve_weight: its weight, >= 0.
 
   Returns:
     ``(loss, metrics)``.
@@ -138,15 +145,17 @@ def sc_dpo_loss(err_w, err_l, ref_err_w, ref_err_l, cost_w, cost_l, *, beta, cos
   gamma_f = _validate.scalar(WHAT, "focus_gamma", focus_gamma)
 
   weight_r = _validate.scalar(WHAT, "retention_weight", retention_weight)
+  weight_p = _validate.scalar(WHAT, "preserve_weight", preserve_weight)
   margin = cost_margin(cost_w, cost_l, gamma_c, cost_transform)
   z = inside - margin
   per_pair = -jax.nn.log_sigmoid(z)
   w = focusing_weights(z, gamma_f)
   preference = jnp.mean(w * per_pair)
   retention = jnp.zeros((), jnp.float32) if retention is None else jnp.asarray(retention, jnp.float32)
-  loss = preference + weight_r * retention
+  preservation = jnp.zeros((), jnp.float32) if preservation is None else jnp.asarray(preservation, jnp.float32)
+  loss = preference + weight_r * retention + weight_p * preservation
   metrics = {"loss": loss.astype(jnp.float32), "loss_preference": preference.astype(jnp.float32),
-             "retention": retention,
+             "retention": retention, "preservation": preservation,
              **pair_metrics(inside, reward_w, reward_l, *errs),
              **_validate.metrics(margin_accuracy=jnp.mean(z > 0), cost_w=jnp.mean(cost_w),
                                  cost_l=jnp.mean(cost_l), margin=jnp.mean(margin),

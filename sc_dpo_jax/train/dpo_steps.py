@@ -112,6 +112,7 @@ def default_config(method: str = "diffusion_dpo") -> ml_collections.ConfigDict:
       cost_transform="probability",           # the margin on sigmoid(cost) (bounded, calibrated) or "raw"
       retention="none",                       # "none" | "sft" | "preserve" (losses/sc_dpo.py)
       retention_weight=0.0,
+      preserve_weight=0.0,                    # + preserve_weight x output preservation on clean pairs (ours)
       # Training timesteps, uniform in [min_timestep, max_timestep) (None: the schedule's num_train_timesteps).
       # Official codes: Diffusion-DPO all of {0..T-1}; DUO {0..749} (then the highest noise levels, where a
       # concept such as a colour is decided, are never trained).
@@ -144,8 +145,9 @@ def resolve_config(config: Optional[Mapping]) -> ml_collections.ConfigDict:
   for key, choices in (("cost_transform", losses.sc_dpo.COST_TRANSFORMS), ("retention", losses.sc_dpo.RETENTION)):
     if out[key] not in choices:
       raise ValueError(f"config.objective.{key} = {out[key]!r}; choose one of {choices}")
-  if not float(out.retention_weight) >= 0.0:
-    raise ValueError(f"config.objective.retention_weight = {out.retention_weight!r} must be >= 0")
+  for key in ("retention_weight", "preserve_weight"):
+    if not float(out[key]) >= 0.0:
+      raise ValueError(f"config.objective.{key} = {out[key]!r} must be >= 0")
   lo, hi = int(out.min_timestep), out.max_timestep
   if lo < 0 or (hi is not None and not lo < int(hi)):
     raise ValueError(f"config.min_timestep ({lo}) and max_timestep ({hi}, exclusive) must satisfy 0 <= min < max")
@@ -186,15 +188,18 @@ def _loss(c, inputs: Inputs, prediction, ref_prediction, batch) -> Tuple[jax.Arr
   if c.method == "sc_dpo":
     cost_chosen = require(batch, "cost_chosen", "safety costs of the chosen images [B]", c.method)
     cost_rejected = require(batch, "cost_rejected", "safety costs of the rejected images [B]", c.method)
-    clean = None
-    if c.retention == "preserve":
+    clean, preservation = None, None
+    if c.retention == "preserve" or float(c.preserve_weight) > 0:
       clean = 1.0 - require(batch, "harmful_prompt", "1 where the pair's prompt is harmful [B] (retention "
                             "'preserve' keeps the outputs of the others)", c.method).astype(jnp.float32)
     retention = losses.sc_dpo.retention_term(str(c.retention), err[:b], prediction[:n], ref_prediction[:n], clean)
+    if float(c.preserve_weight) > 0:
+      preservation = losses.sc_dpo.retention_term("preserve", err[:b], prediction[:n], ref_prediction[:n], clean)
     loss, metrics = losses.sc_dpo_loss(err[:b], err[b:], ref_err[:b], ref_err[b:], cost_chosen, cost_rejected,
                                        beta=float(c.beta), cost_margin_scale=float(c.cost_margin_scale),
                                        focus_gamma=float(c.focus_gamma), cost_transform=str(c.cost_transform),
-                                       retention=retention, retention_weight=float(c.retention_weight))
+                                       retention=retention, retention_weight=float(c.retention_weight),
+                                       preservation=preservation, preserve_weight=float(c.preserve_weight))
     return loss, metrics, _sc_dpo_z(c, err, ref_err, cost_chosen, cost_rejected, b)
   return (*losses.duo_loss(err[:b], ref_err[:b], err[b:], ref_err[b:], prediction[n:],
                            jax.lax.stop_gradient(ref_prediction[n:]), beta=float(c.beta), lam=duo_lambda(c)), None)
@@ -256,8 +261,8 @@ def dpo_step_fn(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mappin
   c = resolve_config(config)
   k = positive_int("config.train.grad_accum_steps", grad_accum_steps)
   d = positive_int("the data-parallel size (config.mesh data x fsdp)", data_parallel)
-  if (k > 1 and c.method == "sc_dpo" and c.retention != "none" and float(c.retention_weight) > 0
-      and float(c.focus_gamma) > 0):
+  if (k > 1 and c.method == "sc_dpo" and float(c.focus_gamma) > 0
+      and ((c.retention != "none" and float(c.retention_weight) > 0) or float(c.preserve_weight) > 0)):
     # grad_accum combines SC-DPO's micro-batch gradients by their focusing mass, which is exact for the focused
     # preference term but would weight the retention term's micro-batches unequally.
     raise ValueError(f"SC-DPO's retention term ({c.retention!r}, weight {c.retention_weight}) with Dynamic "

@@ -149,8 +149,10 @@ def train_dpo(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]
         f"the training pairs ({c.data.train or 'the synthetic pairs of a tiny run'})",
         "'prompt_chosen' (its record spec has no has_chosen_prompt)"))
 
-  if objective.method == "sc_dpo" and objective.retention == "preserve" and not spec.has_harmful_prompt:
-    raise ValueError(f"config.objective.retention = 'preserve' keeps the outputs of the clean-prompt pairs, but "
+  if (objective.method == "sc_dpo" and (objective.retention == "preserve" or float(objective.preserve_weight) > 0)
+      and not spec.has_harmful_prompt):
+    raise ValueError(f"config.objective.retention = 'preserve' (or preserve_weight > 0) keeps the outputs of the "
+                     f"clean-prompt pairs, but "
                      f"the records of config.data.train = {c.data.train or it.source.name!r} have no "
                      f"harmful_prompt field; use retention 'sft' or a dataset that marks harmful prompts")
   total_batch = int(c.data.batch_size)

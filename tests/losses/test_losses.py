@@ -221,6 +221,11 @@ def test_sc_dpo_retention_terms_match_their_formulas():
   loss, metrics = sc_dpo_loss(*errs, *costs, beta=5000.0, cost_margin_scale=1.0, focus_gamma=2.0, retention=r,
                               retention_weight=3.0)
   _close(loss, float(metrics["loss_preference"]) + 3.0 * float(r), "loss = preference + 3 R")
+  pr = losses.sc_dpo.retention_term("preserve", errs[0], pred, ref, clean)
+  loss, metrics = sc_dpo_loss(*errs, *costs, beta=5000.0, cost_margin_scale=1.0, focus_gamma=2.0, retention=r,
+                              retention_weight=3.0, preservation=pr, preserve_weight=7.0)
+  _close(loss, float(metrics["loss_preference"]) + 3.0 * float(r) + 7.0 * float(pr), "loss = preference + 3 R + 7 P")
+  _close(metrics["preservation"], float(pr), "preservation metric")
   g = jax.grad(lambda p: losses.sc_dpo.retention_term("preserve", errs[0], p, ref, clean))(pred)
   expected_g = clean[:, None, None, None] * 0.5 * 2 * (pred[:B] - ref[:B]) / (3 * 3 * 2) / B
   np.testing.assert_allclose(g[:B], expected_g, rtol=1e-5, atol=1e-8)

@@ -502,6 +502,17 @@ def test_sc_dpo_retention_terms_in_the_step():
   assert r >= 0.0 and float(loss) == pytest.approx(float(metrics["loss_preference"]) + 100.0 * r, rel=1e-5)
   all_harmful = preserve(state.params, frozen, dict(batch, harmful_prompt=np.ones(PAIRS, np.int32)), rng)[1]
   assert float(all_harmful["retention"]) == 0.0
+  # preserve_weight adds the same preservation term on top of SFT: loss = preference + 10 err_w + 50 P.
+  both = dpo_steps.make_loss_fn(unet, schedule, dict(objective, retention="sft", retention_weight=10.0,
+                                                     preserve_weight=50.0), train=False)
+  with pytest.raises(KeyError, match="harmful_prompt"):
+    both(state.params, frozen, batch, rng)
+  loss, metrics = both(state.params, frozen, flagged, rng)
+  assert float(metrics["preservation"]) == pytest.approx(r, rel=1e-6, abs=1e-12)
+  assert float(loss) == pytest.approx(float(metrics["loss_preference"]) + 10.0 * float(metrics["err_w"])
+                                      + 50.0 * r, rel=1e-5)
+  with pytest.raises(ValueError, match="config.objective.preserve_weight = -1.0 must be >= 0"):
+    dpo_steps.resolve_config(dict(objective, preserve_weight=-1.0))
   with pytest.raises(ValueError, match="config.objective.retention"):
     dpo_steps.resolve_config(dict(objective, retention="kl"))
   with pytest.raises(ValueError, match="config.objective.cost_transform"):
