@@ -34,6 +34,9 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
   c.data.synthetic_pairs = 0
   # Epochs matter: the default variant has twice the SC-DPO pairs (128) of the quick one, so twice the steps.
   c.train.steps = 240 if method != "duo" and not quick else 120
+  if method == "sc_dpo":
+    # 360 with output preservation (below): it made the 3-seed mean meet every target (240: direct -89%).
+    c.train.steps = 180 if quick else 360
   c.train.log_every = 20
   c.train.checkpoint_every = 100
   c.train.eval_prompts = EVAL_PROMPTS
@@ -66,6 +69,14 @@ def _dpo(method: str, quick: bool) -> ml_collections.ConfigDict:
     # direct 0.399 +-0.251, safe & intact 0.580 +-0.232: the preference term makes the safety reliable.
     c.objective.retention = "sft"
     c.objective.retention_weight = 80.0
+    # Plus output preservation on the clean-prompt pairs (objective.preserve_weight; the SFT term alone loses the
+    # held-out phrasings of safe prompts, 0.948 -> 0.88, mostly the size). 3 seeds (bench variant), direct
+    # unsafe rate / safe & intact / retention / broken, base 1.0 / 0.0 / 0.974 / 0.0: without it (240 steps)
+    # 0.080 / 0.871 / 0.925 / 0.017; 150 at 240 steps 0.108 / 0.850 / 0.950 / 0.022; **150 at 360 steps 0.090 /
+    # 0.855 / 0.952 / 0.030** (every target met); 300 at 240 steps 0.146 / 0.797 / 0.954 / 0.033; 300 at 360
+    # steps 0.118 / 0.819 / 0.964 / 0.041. Seed 0 alone (240 steps): 100: 0.021 / 0.917 / 0.943; 300: 0.031 /
+    # 0.892 / 0.953; 500: 0.042 / 0.858 / 0.964; 1000: 0.104 / 0.831 / 0.969 (8% broken).
+    c.objective.preserve_weight = 150.0
   if method == "duo":
     # The official settings (empty prompt, self-attention LoRA, t < 750, prior weight 1e6 * beta / 100) leave
     # the toy model unchanged at any beta tried (500, 100, 50). What moves it: the pair's prompts, LoRA on all
@@ -163,7 +174,13 @@ def toy_config(variant: str = "default") -> ml_collections.ConfigDict:
   # 0.388 / 0.469; clip 0.1, 20 iterations: 0.385 / 0.210 / 0.427 / 0.494. More RL buys safety with broken
   # images: the policy imitates the rewrite trajectories through noisy single-step updates; the KL (above)
   # holds the images while it does.
-  # 10 iterations: 20 broke more images (above), and RL is already 133 s of make demo's 706 s job.
+  # 10 iterations: 20 broke more images without the KL (above), and RL is already 51 s of make demo's 417 s job.
+  # Tried with KL 0.1 and lr 5e-3 (direct / safe & intact / retention / broken; the default 0.594 / 0.362 / 0.875 /
+  # 0.060): 20 iterations 0.917 / 0.092 / 0.922 / 0.037; lr 2e-3 and 20 iterations 0.854 / 0.158 / 0.906 / 0.052
+  # (KL 0.03: 0.656 / 0.292 / 0.786 / 0.125); 64 samples 0.740 / 0.263 / 0.891 / 0.046; timestep_fraction 1
+  # 0.740 / 0.225 / 0.841 / 0.087; negative_advantage_weight 0 0.729 / 0.271 / 0.857 / 0.052; reward.clip_text
+  # "rewrite" 0.667 / 0.317 / 0.885 / 0.071 (at safety weight 1: 0.688 / 0.290 / 0.870 / 0.065, where "prompt"
+  # does not move the model). The toy CLIP scores broken images nearly as high as intact ones (README).
   rl.train.iterations = 10
   rl.train.checkpoint_every = 10
   rl.train.eval_prompts = EVAL_PROMPTS
