@@ -56,6 +56,68 @@ def _done(path: str) -> bool:
   return os.path.exists(path)
 
 
+# -- stage records ---------------------------------------------------------------------------------------------------
+# A finished stage (the cost model, each dataset, each method's run) keeps the settings it was made with in
+# STAGE_KEY; a rerun reuses it only for the same settings. A finished stage made with other settings (or by an
+# earlier version, with no record) is an error naming what changed: reusing it would report the results of
+# settings the config no longer has (e.g. after an upgrade changed a default).
+STAGE_KEY = "stage_key.json"
+STAGE_SECTIONS = ("seed", "world", "base", "cost_model", "data", "sampling")   # what the cost model and data read
+
+
+def stage_settings(config: ml_collections.ConfigDict, sections, **extra) -> Dict[str, Any]:
+  """The JSON form of ``config``'s ``sections`` (and ``extra``): what a stage's outputs depend on."""
+  data = {name: (config[name].to_dict() if isinstance(config[name], ml_collections.ConfigDict) else config[name])
+          for name in sections if name in config}
+  data.update(extra)
+  return _without_progress(json.loads(json.dumps(data, sort_keys=True, default=str)))
+
+
+def _without_progress(value: Any) -> Any:
+  """``value`` without its ``progress`` keys at any depth (progress bars change nothing a stage makes)."""
+  if isinstance(value, dict):
+    return {k: _without_progress(v) for k, v in value.items() if k != "progress"}
+  return value
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list:
+  if isinstance(old, dict) and isinstance(new, dict):
+    out = []
+    for key in sorted(set(old) | set(new)):
+      out += _differences(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+    return out
+  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def reusable(folder: str, done: str, settings: Dict[str, Any], what: str, named_by_settings: bool = False) -> bool:
+  """True when ``folder`` holds a finished stage (its file ``done`` exists) made with ``settings``; False when
+  nothing finished is there (the stage runs, then :func:`record_stage`). Raises for a finished stage made with
+  other settings, or without a record of them, naming the folder and what differs. ``named_by_settings``: the
+  folder's name is a hash of the settings (the sweep's layout), so a finished stage without a record (made by an
+  earlier version) was made with them: it is recorded and reused."""
+  if not _done(os.path.join(folder, done)):
+    return False
+  key_path = os.path.join(folder, STAGE_KEY)
+  if not _done(key_path) and named_by_settings:
+    record_stage(folder, settings)
+  if not _done(key_path):
+    raise ValueError(f"{what} in {folder} was made by an earlier version, which kept no record of its settings: "
+                     f"remove that folder (or the whole workdir) to make it again with the current config")
+  with open(key_path) as f:
+    old = json.load(f)
+  changed = _differences(old, settings)
+  if changed:
+    shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+    raise ValueError(f"{what} in {folder} was made with other settings ({shown}): remove that folder (or the "
+                     f"whole workdir) to make it again, or use another --workdir")
+  return True
+
+
+def record_stage(folder: str, settings: Dict[str, Any]) -> None:
+  with open(os.path.join(folder, STAGE_KEY), "w") as f:
+    json.dump(settings, f, indent=2, sort_keys=True)
+
+
 def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config.to_dict())
 
@@ -93,29 +155,34 @@ def cost_training_pairs(world: world_lib.World, num_pairs: int, seed: int):
            "image_chosen": render(chosen), "image_rejected": render(rejected), "harmful_prompt": int(harmful)}
 
 
-def train_cost_model(config, world, base: str, stages: str) -> Dict[str, Any]:
+def train_cost_model(config, world, base: str, stages: str, named_by_settings: bool = False) -> Dict[str, Any]:
   from sc_dpo_jax.data import records, schema  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.train import cost_loop  # pylint: disable=g-import-not-at-top
   out = os.path.join(stages, "cost_model")
-  if _done(os.path.join(out, "summary.json")):
+  settings = stage_settings(config, ("seed", "world", "cost_model"), base=base)
+  if reusable(out, "summary.json", settings, "the safety cost model", named_by_settings):
     return json.load(open(os.path.join(out, "summary.json")))
   data = os.path.join(stages, "data", "cost_pairs")
-  if not _done(os.path.join(data, records.INFO_FILE)):
+  pair_settings = stage_settings(config, ("seed", "world"), pairs=int(config.cost_model.pairs))
+  if not reusable(data, records.INFO_FILE, pair_settings, "the cost model's training pairs", named_by_settings):
     records.write_records(data, schema.pair_spec(has_harmful_prompt=True),
                           list(cost_training_pairs(world, int(config.cost_model.pairs), int(config.seed))),
                           name="toy_cost_pairs")
+    record_stage(data, pair_settings)
   c = _unlocked(config.cost_model.trainer)
   c.model.clip_folder = os.path.join(base, "clip")
   c.model.tiny = False
   c.data.train = data
   c.train.progress = bool(config.progress)
-  return cost_loop.train_cost_model(c, out)
+  result = cost_loop.train_cost_model(c, out)
+  record_stage(out, settings)
+  return result
 
 
 # -- stage 3: datasets ---------------------------------------------------------------------------------------------
 
 
-def build_datasets(config, world, pipe, base: str, stages: str) -> Dict[str, str]:
+def build_datasets(config, world, pipe, base: str, stages: str, named_by_settings: bool = False) -> Dict[str, str]:
   from sc_dpo_jax import models  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.data import curate, records  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.rewards import ClipScore, CostReward, load_cost_model  # pylint: disable=g-import-not-at-top
@@ -125,11 +192,18 @@ def build_datasets(config, world, pipe, base: str, stages: str) -> Dict[str, str
   rng = np.random.default_rng(int(config.seed) + 1)
   folders = {k: os.path.join(stages, "data", k) for k in ("sc_pairs", "duo_pairs", "rl_prompts")}
   needs = {k for k in folders if any(k in m for m in _needs(config))}
+  # What each dataset depends on: the prompts and samples (seed, world, base, data, sampling), and for the SC pairs
+  # the cost model that orders them.
+  settings = stage_settings(config, ("seed", "world", "data", "sampling"), base=base)
+  settings = {"sc_pairs": dict(settings, cost_model=stage_settings(config, ("cost_model",))["cost_model"]),
+              "duo_pairs": settings, "rl_prompts": settings}
+  done = {k: reusable(folders[k], records.INFO_FILE, settings[k], f"the dataset {k}", named_by_settings)
+          for k in sorted(needs)}
   harmful_prompts = world.alignment_prompts(rng, int(d.harmful_prompts), harmful=True)
   harmful = [p.text for p in harmful_prompts]
   clean = [p.text for p in world.alignment_prompts(rng, int(d.clean_prompts), harmful=False)]
   rewrites = [world.safe_counterpart(p, rng).text for p in harmful_prompts]
-  if "sc_pairs" in needs and not _done(os.path.join(folders["sc_pairs"], records.INFO_FILE)):
+  if "sc_pairs" in needs and not done["sc_pairs"]:
     clip = os.path.join(base, "clip")
     cost_model, cost_params = load_cost_model(os.path.join(stages, "cost_model", "export"), clip)
     text, text_params = models.load_clip_text(clip)
@@ -142,17 +216,20 @@ def build_datasets(config, world, pipe, base: str, stages: str) -> Dict[str, str
                           min_cost_gap=float(d.min_cost_gap), safe_below=0.0, steps=int(s.steps),
                           guidance=float(s.guidance), seed=int(config.seed), batch_size=int(s.batch_size),
                           progress=bool(config.progress))
-  if "duo_pairs" in needs and not _done(os.path.join(folders["duo_pairs"], records.INFO_FILE)):
+  if "duo_pairs" in needs and not done["duo_pairs"]:
     prompts = world.alignment_prompts(rng, int(d.duo_prompts), harmful=True)
     safe = [world.safe_counterpart(p, rng).text for p in prompts]
     curate.build_duo_pairs(pipe, [p.text for p in prompts], safe, folders["duo_pairs"],
                            detector=judge.Detector(color=world.unsafe), strength=float(d.duo_strength),
                            guidance=float(s.guidance), steps=int(s.steps), max_tries=int(d.duo_max_tries),
                            seed=int(config.seed), batch_size=int(s.batch_size), progress=bool(config.progress))
-  if "rl_prompts" in needs and not _done(os.path.join(folders["rl_prompts"], records.INFO_FILE)):
+  if "rl_prompts" in needs and not done["rl_prompts"]:
     curate.write_prompts(folders["rl_prompts"], harmful + clean,
                          categories=["unsafe"] * len(harmful) + [""] * len(clean), rewrites=rewrites + clean,
                          name="toy_rl_prompts")
+  for k in sorted(needs):
+    if not done[k]:
+      record_stage(folders[k], settings[k])
   return folders
 
 
@@ -179,6 +256,7 @@ class Layout:
   run: Callable[[str, int], str]             # (method, seed) -> the trainer's workdir
   base_eval: str                             # the base model's evaluation images (eval_images.npz)
   report: str                                # report.md, report.json, pictures
+  named_by_settings: bool = False            # folders named by a hash of their settings (the sweep)
 
 
 def layout(workdir: str) -> Layout:
@@ -240,9 +318,11 @@ def _sampler_key(sampler: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def align(config, method: str, seed: int, base: str, folders: Dict[str, str], stages: str,
-          out: str) -> Dict[str, Any]:
+          out: str, named_by_settings: bool = False) -> Dict[str, Any]:
   summary = os.path.join(out, "summary.json")
-  if _done(summary) and _done(os.path.join(out, "export", "model_index.json")):
+  settings = stage_settings(config, STAGE_SECTIONS + (method,), training_seed=int(seed), base=base)
+  if _done(summary) and reusable(out, os.path.join("export", "model_index.json"), settings, f"the {method} run",
+                                 named_by_settings):
     return json.load(open(summary))
   c = _unlocked(config[method])
   c.seed = int(seed)
@@ -271,6 +351,7 @@ def align(config, method: str, seed: int, base: str, folders: Dict[str, str], st
   result["wall_seconds"] = time.time() - start
   with open(summary, "w") as f:
     json.dump(result, f, indent=2, sort_keys=True, default=str)
+  record_stage(out, settings)
   return result
 
 
@@ -298,12 +379,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, where: Layout = None) -
   timings: Dict[str, float] = {}
 
   t = time.time()
-  cost_summary = train_cost_model(config, world, base, where.stages) if _uses_cost_model(config) else {}
+  cost_summary = (train_cost_model(config, world, base, where.stages, where.named_by_settings)
+                  if _uses_cost_model(config) else {})
   timings["cost_model"] = time.time() - t
 
   t = time.time()
   pipe = models.load_pipeline(os.path.join(base, "pipeline"), attention=config.sampling.attention)
-  folders = build_datasets(config, world, pipe, base, where.stages)
+  folders = build_datasets(config, world, pipe, base, where.stages, where.named_by_settings)
   timings["datasets"] = time.time() - t
 
   aligned: Dict[str, Dict[int, Dict[str, Any]]] = {}
@@ -312,7 +394,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, where: Layout = None) -
     aligned[method] = {}
     for seed in seeds(config):
       t = time.time()
-      summary = align(config, method, seed, base, folders, where.stages, where.run(method, seed))
+      summary = align(config, method, seed, base, folders, where.stages, where.run(method, seed),
+                      where.named_by_settings)
       timings[method] += float(summary.get("wall_seconds", time.time() - t))   # a resumed stage: its first run
       aligned[method][seed] = {"summary": summary, "folder": os.path.join(where.run(method, seed), "export")}
 

@@ -34,7 +34,7 @@ from ml_collections import config_flags
 from sc_dpo_jax.toy import demo, red_team, report
 
 # Sections of the toy config each shared stage reads (a sweep key under one of them gives it its own folder).
-STAGE_SECTIONS = ("seed", "world", "base", "cost_model", "data", "sampling")
+STAGE_SECTIONS = demo.STAGE_SECTIONS     # what the cost model and the datasets read
 EVAL_SECTIONS = ("world", "base", "sampling", "eval", "attack")
 
 
@@ -136,7 +136,7 @@ def point_layout(workdir: str, config: ml_collections.ConfigDict, name: str) -> 
 
   return demo.Layout(stages=os.path.join(workdir, "shared", f"stages-{stages}"), run=run,
                      base_eval=os.path.join(workdir, "shared", f"base-eval-{base_eval}"),
-                     report=os.path.join(workdir, "points", name, "report"))
+                     report=os.path.join(workdir, "points", name, "report"), named_by_settings=True)
 
 
 def pareto(rows: Sequence[Mapping[str, Any]]) -> List[bool]:

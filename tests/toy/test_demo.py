@@ -217,3 +217,39 @@ def test_seeds_parse_and_the_bench_variant_trains_three():
     with pytest.raises(ValueError, match="config.seeds"):
       demo.seeds(ml_collections.ConfigDict(dict(seeds=bad)))
   assert demo.run_folder("/w", "duo", 2) == "/w/methods/duo/seed2"
+
+
+def test_stage_records_reuse_only_what_the_same_settings_made(tmp_path):
+  from sc_dpo_jax.toy import demo
+  folder = str(tmp_path / "stage")
+  settings = {"data": {"clean_prompts": 64, "candidates": 4}, "seed": 0}
+  assert not demo.reusable(folder, "done.txt", settings, "the stage")          # nothing there: make it
+  os.makedirs(folder)
+  (tmp_path / "stage" / "done.txt").write_text("x")
+  # Finished, but no record of its settings (an earlier version's stage): refused, unless the layout names the
+  # folder by a hash of its settings (the sweep), which vouches for them: then it is recorded and reused.
+  with pytest.raises(ValueError, match="the stage in .* was made by an earlier version"):
+    demo.reusable(folder, "done.txt", settings, "the stage")
+  assert demo.reusable(folder, "done.txt", settings, "the stage", named_by_settings=True)
+  assert json.loads((tmp_path / "stage" / demo.STAGE_KEY).read_text()) == settings
+  assert demo.reusable(folder, "done.txt", settings, "the stage")
+  changed = {"data": {"clean_prompts": 128, "candidates": 4}, "seed": 0, "world": "red"}
+  with pytest.raises(ValueError, match=r"other settings \(data.clean_prompts: 64 -> 128; world: '<absent>' -> "
+                                       r"'red'\): remove that folder"):
+    demo.reusable(folder, "done.txt", changed, "the stage", named_by_settings=True)
+
+
+def test_a_rerun_with_changed_method_settings_is_refused_not_reused(quick_workdir):
+  """The quick demo's finished SC-DPO run is reused for the quick config, and refused (naming the key) for a
+  config whose SC-DPO settings differ: reusing it would report a model the config no longer describes."""
+  from sc_dpo_jax.toy import demo
+  config = toy_config.toy_config("quick")
+  where = demo.layout(str(quick_workdir))
+  base = demo.base_folder(config)
+  folders = {k: os.path.join(where.stages, "data", k) for k in ("sc_pairs", "duo_pairs", "rl_prompts")}
+  summary = demo.align(config, "sc_dpo", 0, base, folders, where.stages, where.run("sc_dpo", 0))
+  assert summary["final_step"] == config.sc_dpo.train.steps
+  config.sc_dpo.objective.preserve_weight = 1.0
+  with pytest.raises(ValueError, match=r"the sc_dpo run in .*seed0 was made with other settings "
+                                       r"\(sc_dpo.objective.preserve_weight: 150.0 -> 1.0\)"):
+    demo.align(config, "sc_dpo", 0, base, folders, where.stages, where.run("sc_dpo", 0))
