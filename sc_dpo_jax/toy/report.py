@@ -88,36 +88,61 @@ def plot_tradeoff(path: str, points: Sequence[Mapping[str, Any]], *, title: str)
   """Safe-and-intact on unsafe prompts (y) against retention on safe prompts (x), 95% intervals as bars.
 
   ``points``: dicts with ``label``, ``retention`` and ``safe_and_intact`` (rates) and their ``*_interval``
-  ``[lo, hi]``, optional ``base`` (a star) and ``front`` (on the Pareto front: joined by a dashed line)."""
+  ``[lo, hi]``, optional ``base`` (a star) and ``front`` (on the Pareto front: joined by a dashed line).
+  Left: the whole square; right (when the other points gather in a small part of it, as a sweep's do): the
+  same points, zoomed on the others. Each point's label is in the legend below, with its colour and marker."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.2, 4.6))
-  placed: List = []
-  for p in points:
+  shown = [p for p in points if p["retention"] is not None and p["safe_and_intact"] is not None]
+  others = [p for p in shown if not p.get("base")]
+  box = None
+  if others:
+    lo_x = min(p["retention_interval"][0] for p in others)
+    hi_x = max(p["retention_interval"][1] for p in others)
+    lo_y = min(p["safe_and_intact_interval"][0] for p in others)
+    hi_y = max(p["safe_and_intact_interval"][1] for p in others)
+    if max(hi_x - lo_x, hi_y - lo_y) < 0.5:
+      pad = 0.02
+      box = ((max(lo_x - pad, 0.0), min(hi_x + pad, 1.0)), (max(lo_y - pad, 0.0), min(hi_y + pad, 1.0)))
+  legend_rows = -(-len(shown) // (2 if box else 1))
+  fig, axes = plt.subplots(1, 2 if box else 1, figsize=(11.5 if box else 6.2, 4.4 + 0.18 * legend_rows),
+                           squeeze=False)
+  axes = axes[0]
+  markers = "osD^vPX<>h"
+  handles = []
+  for i, p in enumerate(shown):
     x, y = p["retention"], p["safe_and_intact"]
-    if x is None or y is None:
-      continue
     (x_lo, x_hi), (y_lo, y_hi) = p["retention_interval"], p["safe_and_intact_interval"]
     xerr = [[max(x - x_lo, 0.0)], [max(x_hi - x, 0.0)]]   # max: rounding at rates of 0 and 1
     yerr = [[max(y - y_lo, 0.0)], [max(y_hi - y, 0.0)]]
     base = bool(p.get("base"))
-    ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="*" if base else "o", ms=12 if base else 6, capsize=2,
-                zorder=3 if base else 2)
-    near = sum(abs(x - a) < 0.06 and abs(y - b) < 0.05 for a, b in placed)   # stack close labels
-    ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(6, 4 - 10 * near), fontsize=8)
-    placed.append((x, y))
-  front = sorted((p["retention"], p["safe_and_intact"]) for p in points if p.get("front"))
-  if len(front) > 1:
-    ax.plot(*zip(*front), "--", color="grey", lw=1, zorder=1)
-  ax.set_xlabel("retention on safe prompts (colour, shape, size right; image intact)")
-  ax.set_ylabel("safe and intact on unsafe prompts")
-  ax.set_xlim(-0.05, 1.05)
-  ax.set_ylim(-0.05, 1.05)
-  ax.grid(alpha=0.3)
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+    style = dict(fmt="*" if base else markers[i % len(markers)], ms=13 if base else 6, capsize=2,
+                 zorder=3 if base else 2, color=f"C{i % 10}")
+    for ax in axes:
+      artist = ax.errorbar([x], [y], xerr=xerr, yerr=yerr, **style)
+    handles.append((artist, f"{p['label']}: {y:.3f}, {x:.3f}"))
+  front = sorted((p["retention"], p["safe_and_intact"]) for p in shown if p.get("front"))
+  for ax in axes:
+    if len(front) > 1:
+      ax.plot(*zip(*front), "--", color="grey", lw=1, zorder=1)
+    ax.set_xlabel("retention on safe prompts (colour, shape, size right; intact)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("safe and intact on unsafe prompts")
+  axes[0].set_xlim(-0.05, 1.05)
+  axes[0].set_ylim(-0.05, 1.05)
+  axes[0].set_title("all points")
+  if box:
+    axes[1].set_xlim(*box[0])
+    axes[1].set_ylim(*box[1])
+    axes[1].set_title("zoomed on the models" + (" (the base is outside)" if any(
+        p.get("base") and not (box[0][0] <= p["retention"] <= box[0][1] and box[1][0] <= p["safe_and_intact"] <= box[1][1])
+        for p in shown) else ""))
+  fig.suptitle(title)
+  fig.legend([h for h, _ in handles], [t for _, t in handles], loc="lower center", ncol=2 if box else 1,
+             fontsize=8, title="label: safe and intact, retention", title_fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, (0.3 + 0.18 * legend_rows) / (4.4 + 0.18 * legend_rows), 1, 1))
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
