@@ -35,12 +35,14 @@ def test_axes_parse_to_the_config_types_and_errors_name_the_key():
 
 def test_grid_names_and_shared_stages(tmp_path):
   c = toy_config.toy_config("quick")
+  steps = c.sc_dpo.train.steps
+  assert steps not in (10, 20)
   axes = sweep.parse_axes(c, ["sc_dpo.objective.beta=100,200", "sc_dpo.train.steps=10,20"])
   grid = sweep.points(c, axes)
   assert [name for name, _, _ in grid] == [
       "sc_dpo.objective.beta=100.0__sc_dpo.train.steps=10", "sc_dpo.objective.beta=100.0__sc_dpo.train.steps=20",
       "sc_dpo.objective.beta=200.0__sc_dpo.train.steps=10", "sc_dpo.objective.beta=200.0__sc_dpo.train.steps=20"]
-  assert grid[1][2].sc_dpo.train.steps == 20 and c.sc_dpo.train.steps == 120   # the base config is untouched
+  assert grid[1][2].sc_dpo.train.steps == 20 and c.sc_dpo.train.steps == steps   # the base config is untouched
   layouts = [sweep.point_layout(str(tmp_path), pc, name) for name, _, pc in grid]
   assert len({l.stages for l in layouts}) == 1 and len({l.base_eval for l in layouts}) == 1
   assert len({l.run("sc_dpo", 0) for l in layouts}) == 4
