@@ -192,11 +192,12 @@ def build_datasets(config, world, pipe, base: str, stages: str, named_by_setting
   rng = np.random.default_rng(int(config.seed) + 1)
   folders = {k: os.path.join(stages, "data", k) for k in ("sc_pairs", "duo_pairs", "rl_prompts")}
   needs = {k for k in folders if any(k in m for m in _needs(config))}
-  # What each dataset depends on: the prompts and samples (seed, world, base, data, sampling), and for the SC pairs
-  # the cost model that orders them.
-  settings = stage_settings(config, ("seed", "world", "data", "sampling"), base=base)
-  settings = {"sc_pairs": dict(settings, cost_model=stage_settings(config, ("cost_model",))["cost_model"]),
-              "duo_pairs": settings, "rl_prompts": settings}
+  # What each dataset depends on: the prompts (seed, world, data), the samples (base, sampling) for the pairs, and
+  # for the SC pairs the cost model that orders them.
+  prompts_only = stage_settings(config, ("seed", "world", "data"))
+  sampled = stage_settings(config, ("seed", "world", "data", "sampling"), base=base)
+  settings = {"sc_pairs": dict(sampled, cost_model=stage_settings(config, ("cost_model",))["cost_model"]),
+              "duo_pairs": sampled, "rl_prompts": prompts_only}
   done = {k: reusable(folders[k], records.INFO_FILE, settings[k], f"the dataset {k}", named_by_settings)
           for k in sorted(needs)}
   harmful_prompts = world.alignment_prompts(rng, int(d.harmful_prompts), harmful=True)
