@@ -265,10 +265,11 @@ def dpo_step_fn(unet, schedule: diffusion.NoiseSchedule, config: Optional[Mappin
       and ((c.retention != "none" and float(c.retention_weight) > 0) or float(c.preserve_weight) > 0)):
     # grad_accum combines SC-DPO's micro-batch gradients by their focusing mass, which is exact for the focused
     # preference term but would weight the retention term's micro-batches unequally.
-    raise ValueError(f"SC-DPO's retention term ({c.retention!r}, weight {c.retention_weight}) with Dynamic "
-                     f"Focusing (focus_gamma = {c.focus_gamma}) is not supported with gradient accumulation "
-                     f"(config.train.grad_accum_steps = {k}): set grad_accum_steps to 1, focus_gamma to 0 "
-                     f"(then micro-batches weigh equally and accumulation is exact) or retention to 'none'")
+    raise ValueError(f"SC-DPO's retention terms ({c.retention!r}, weight {c.retention_weight}; preserve_weight "
+                     f"{c.preserve_weight}) with Dynamic Focusing (focus_gamma = {c.focus_gamma}) are not supported "
+                     f"with gradient accumulation (config.train.grad_accum_steps = {k}): set grad_accum_steps to 1, "
+                     f"focus_gamma to 0 (then micro-batches weigh equally and accumulation is exact) or retention "
+                     f"to 'none' and preserve_weight to 0")
   grad_fn = jax.value_and_grad(_make_objective(unet, schedule, c, train=True), has_aux=True)
 
   def step(state: state_lib.TrainState, frozen, batch, rng):

@@ -226,8 +226,10 @@ def test_sc_dpo_retention_with_focusing_is_refused_under_accumulation():
   the retention term, so the combination is refused (naming the keys) instead of training something else."""
   unet, schedule, _, _, _ = _world()
   objective = dict(RUNS["sc_dpo"][0], retention="sft", retention_weight=10.0)
-  with pytest.raises(ValueError, match=r"retention term \('sft'.*focus_gamma = 2.0.*grad_accum_steps = 4"):
+  with pytest.raises(ValueError, match=r"retention terms \('sft'.*focus_gamma = 2.0.*grad_accum_steps = 4"):
     dpo_steps.dpo_step_fn(unet, schedule, objective, grad_accum_steps=K)
+  with pytest.raises(ValueError, match=r"preserve_weight 5.0\) with Dynamic Focusing"):   # preservation alone too
+    dpo_steps.dpo_step_fn(unet, schedule, dict(RUNS["sc_dpo"][0], preserve_weight=5.0), grad_accum_steps=K)
   dpo_steps.dpo_step_fn(unet, schedule, objective, grad_accum_steps=1)                  # one pass: fine
   dpo_steps.dpo_step_fn(unet, schedule, dict(objective, focus_gamma=0.0), grad_accum_steps=K)   # equal masses
 
