@@ -65,11 +65,16 @@ STAGE_KEY = "stage_key.json"
 STAGE_SECTIONS = ("seed", "world", "base", "cost_model", "data", "sampling")   # what the cost model and data read
 
 
+def config_sections(config: ml_collections.ConfigDict, sections) -> Dict[str, Any]:
+  """``config``'s ``sections`` (those it has) as plain values: what the stage records and the sweep's folder
+  hashes are made of."""
+  return {name: (config[name].to_dict() if isinstance(config[name], ml_collections.ConfigDict) else config[name])
+          for name in sections if name in config}
+
+
 def stage_settings(config: ml_collections.ConfigDict, sections, **extra) -> Dict[str, Any]:
   """The JSON form of ``config``'s ``sections`` (and ``extra``): what a stage's outputs depend on."""
-  data = {name: (config[name].to_dict() if isinstance(config[name], ml_collections.ConfigDict) else config[name])
-          for name in sections if name in config}
-  data.update(extra)
+  data = dict(config_sections(config, sections), **extra)
   return _without_progress(json.loads(json.dumps(data, sort_keys=True, default=str)))
 
 

@@ -106,8 +106,8 @@ def plot_tradeoff(path: str, points: Sequence[Mapping[str, Any]], *, title: str)
       pad = 0.02
       box = ((max(lo_x - pad, 0.0), min(hi_x + pad, 1.0)), (max(lo_y - pad, 0.0), min(hi_y + pad, 1.0)))
   legend_rows = -(-len(shown) // (2 if box else 1))
-  fig, axes = plt.subplots(1, 2 if box else 1, figsize=(11.5 if box else 6.2, 4.4 + 0.18 * legend_rows),
-                           squeeze=False)
+  height = 4.4 + 0.18 * legend_rows          # the axes, then one line per legend row
+  fig, axes = plt.subplots(1, 2 if box else 1, figsize=(11.5 if box else 6.2, height), squeeze=False)
   axes = axes[0]
   markers = "osD^vPX<>h"
   handles = []
@@ -135,13 +135,14 @@ def plot_tradeoff(path: str, points: Sequence[Mapping[str, Any]], *, title: str)
   if box:
     axes[1].set_xlim(*box[0])
     axes[1].set_ylim(*box[1])
-    axes[1].set_title("zoomed on the models" + (" (the base is outside)" if any(
-        p.get("base") and not (box[0][0] <= p["retention"] <= box[0][1] and box[1][0] <= p["safe_and_intact"] <= box[1][1])
-        for p in shown) else ""))
+    (x_lo, x_hi), (y_lo, y_hi) = box
+    base_outside = any(p.get("base") and not (x_lo <= p["retention"] <= x_hi and y_lo <= p["safe_and_intact"] <= y_hi)
+                       for p in shown)
+    axes[1].set_title("zoomed on the models" + (" (the base is outside)" if base_outside else ""))
   fig.suptitle(title)
   fig.legend([h for h, _ in handles], [t for _, t in handles], loc="lower center", ncol=2 if box else 1,
              fontsize=8, title="label: safe and intact, retention", title_fontsize=8, frameon=False)
-  fig.tight_layout(rect=(0, (0.3 + 0.18 * legend_rows) / (4.4 + 0.18 * legend_rows), 1, 1))
+  fig.tight_layout(rect=(0, (height - 4.1) / height, 1, 1))
   fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 

@@ -121,9 +121,7 @@ def points(config: ml_collections.ConfigDict, axes: Sequence[Axis]) -> List[Tupl
 
 def fingerprint(config: ml_collections.ConfigDict, sections: Sequence[str], *extra: Any) -> str:
   """A short hash of ``config``'s ``sections`` (and ``extra``): equal for points that share a stage."""
-  data = {s: (config[s].to_dict() if isinstance(config[s], ml_collections.ConfigDict) else config[s])
-          for s in sections if s in config}
-  text = json.dumps([data, extra], sort_keys=True, default=str)
+  text = json.dumps([demo.config_sections(config, sections), extra], sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

@@ -108,13 +108,19 @@ def group_advantages(prompts: Sequence[str], rewards) -> Tuple[np.ndarray, Dict[
           {"groups": float(len(means)), "within_std": within, "between_std": float(np.std(means))})
 
 
+def negative_weight(value) -> float:
+  """``rl.negative_advantage_weight`` as a float, checked (finite, >= 0)."""
+  weight = float(value)
+  if not (np.isfinite(weight) and weight >= 0):
+    raise ValueError(f"config.rl.negative_advantage_weight = {weight} must be finite and >= 0")
+  return weight
+
+
 def weigh_negative(advantages, weight: float) -> np.ndarray:
   """``advantages`` with every negative entry multiplied by ``weight`` (``rl.negative_advantage_weight``): 1
   leaves them as DDPO does, 0 trains only the samples better than their baseline (pulls toward them, never
   pushes away from the others)."""
-  weight = float(weight)
-  if not (np.isfinite(weight) and weight >= 0):
-    raise ValueError(f"config.rl.negative_advantage_weight = {weight} must be finite and >= 0")
+  weight = negative_weight(weight)
   advantages = np.asarray(advantages, np.float32)
   return np.where(advantages < 0, np.float32(weight) * advantages, advantages).astype(np.float32)
 

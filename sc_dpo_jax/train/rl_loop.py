@@ -102,7 +102,7 @@ def prompts_per_process(config: ml_collections.ConfigDict) -> int:
   if config.reward.normalize not in advantages_lib.NORMALIZE:
     raise ValueError(f"config.reward.normalize = {config.reward.normalize!r}; choose one of "
                      f"{advantages_lib.NORMALIZE}")
-  advantages_lib.weigh_negative(np.zeros(1), r.negative_advantage_weight)    # checks the value
+  advantages_lib.negative_weight(r.negative_advantage_weight)
   if config.reward.clip_text not in CLIP_TEXTS:
     raise ValueError(f"config.reward.clip_text = {config.reward.clip_text!r}; choose one of {CLIP_TEXTS}")
   if samples % per_prompt:
@@ -265,7 +265,7 @@ def train_rl(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   weights = {name: weight for name, (weight, _) in reward_fn.parts.items()}
   group_mode = c.rl.advantages == "group"
   rewrite_samples = int(c.rl.rewrite_samples)
-  negative_weight = float(c.rl.negative_advantage_weight)
+  negative_weight = advantages_lib.negative_weight(c.rl.negative_advantage_weight)
   # Rewrite exploration: the last rewrite_samples of each prompt's samples_per_prompt rows are drawn under the
   # prompt's safe rewrite (samples are laid out prompt by prompt, on every process alike).
   rewrite_rows = (np.arange(global_samples) % samples_per_prompt) >= samples_per_prompt - rewrite_samples
