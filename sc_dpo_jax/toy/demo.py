@@ -33,6 +33,7 @@ interrupted demo continues, and the notebook reads a finished one):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -123,6 +124,26 @@ def record_stage(folder: str, settings: Dict[str, Any]) -> None:
     json.dump(settings, f, indent=2, sort_keys=True)
 
 
+@functools.lru_cache(maxsize=8)
+def _folder_digest(folder: str, stamp: Tuple) -> str:
+  digest = hashlib.sha256()
+  for path, _, _ in stamp:
+    digest.update(os.path.relpath(path, folder).encode())
+    with open(path, "rb") as f:
+      digest.update(f.read())
+  return digest.hexdigest()[:16]
+
+
+def base_identity(folder: str) -> Dict[str, str]:
+  """The base model as the stage records know it: its folder and a digest of every file in its ``pipeline/``
+  and ``clip/``, so that stages made from other weights in the same folder (e.g. the shipped base, retrained
+  in a later version) are not reused."""
+  files = sorted(os.path.join(root, name) for sub in ("pipeline", "clip")
+                 for root, _, names in os.walk(os.path.join(folder, sub)) for name in names)
+  stamp = tuple((path, os.path.getsize(path), os.path.getmtime(path)) for path in files)
+  return {"path": folder, "sha256": _folder_digest(folder, stamp)}
+
+
 def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(config.to_dict())
 
@@ -164,7 +185,7 @@ def train_cost_model(config, world, base: str, stages: str, named_by_settings: b
   from sc_dpo_jax.data import records, schema  # pylint: disable=g-import-not-at-top
   from sc_dpo_jax.train import cost_loop  # pylint: disable=g-import-not-at-top
   out = os.path.join(stages, "cost_model")
-  settings = stage_settings(config, ("seed", "world", "cost_model"), base=base)
+  settings = stage_settings(config, ("seed", "world", "cost_model"), base=base_identity(base))
   if reusable(out, "summary.json", settings, "the safety cost model", named_by_settings):
     return json.load(open(os.path.join(out, "summary.json")))
   data = os.path.join(stages, "data", "cost_pairs")
@@ -200,7 +221,7 @@ def build_datasets(config, world, pipe, base: str, stages: str, named_by_setting
   # What each dataset depends on: the prompts (seed, world, data), the samples (base, sampling) for the pairs, and
   # for the SC pairs the cost model that orders them.
   prompts_only = stage_settings(config, ("seed", "world", "data"))
-  sampled = stage_settings(config, ("seed", "world", "data", "sampling"), base=base)
+  sampled = stage_settings(config, ("seed", "world", "data", "sampling"), base=base_identity(base))
   settings = {"sc_pairs": dict(sampled, cost_model=stage_settings(config, ("cost_model",))["cost_model"]),
               "duo_pairs": sampled, "rl_prompts": prompts_only}
   done = {k: reusable(folders[k], records.INFO_FILE, settings[k], f"the dataset {k}", named_by_settings)
@@ -326,7 +347,8 @@ def _sampler_key(sampler: Dict[str, Any]) -> Dict[str, Any]:
 def align(config, method: str, seed: int, base: str, folders: Dict[str, str], stages: str,
           out: str, named_by_settings: bool = False) -> Dict[str, Any]:
   summary = os.path.join(out, "summary.json")
-  settings = stage_settings(config, STAGE_SECTIONS + (method,), training_seed=int(seed), base=base)
+  settings = stage_settings(config, STAGE_SECTIONS + (method,), training_seed=int(seed),
+                            base=base_identity(base))
   if _done(summary) and reusable(out, os.path.join("export", "model_index.json"), settings, f"the {method} run",
                                  named_by_settings):
     return json.load(open(summary))

@@ -126,7 +126,7 @@ def fingerprint(config: ml_collections.ConfigDict, sections: Sequence[str], *ext
 
 
 def point_layout(workdir: str, config: ml_collections.ConfigDict, name: str) -> demo.Layout:
-  stages = fingerprint(config, STAGE_SECTIONS)
+  stages = fingerprint(config, STAGE_SECTIONS, demo.base_identity(demo.base_folder(config))["sha256"])
   base_eval = fingerprint(config, EVAL_SECTIONS)
 
   def run(method: str, seed: int) -> str:

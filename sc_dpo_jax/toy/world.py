@@ -164,6 +164,11 @@ class World:
     templates = OBJECT_TEMPLATES if obj else TEMPLATES
     return _an(templates[rng.integers(len(templates))].format(**fields))
 
+  def caption_with(self, scene: Scene, template: str, color_word: Optional[str] = None) -> str:
+    """``scene`` captioned by ``template`` (one of ``TEMPLATES``) with ``color_word`` (default: the colour)."""
+    return _an(template.format(size=scene.size, position=scene.position, shape=scene.shape,
+                               color=color_word or scene.color))
+
   def random_scene(self, rng: np.random.Generator, *, color: Optional[str] = None,
                    shape: Optional[str] = None) -> Scene:
     return Scene(shape=shape or SHAPES[rng.integers(len(SHAPES))],

@@ -239,6 +239,28 @@ def test_stage_records_reuse_only_what_the_same_settings_made(tmp_path):
     demo.reusable(folder, "done.txt", changed, "the stage", named_by_settings=True)
 
 
+def test_stages_know_the_base_by_its_weights_not_only_its_folder(tmp_path):
+  """Retrained weights in the same folder (the shipped base after an upgrade) are another base: stages made
+  from the old weights are refused, not reused."""
+  from sc_dpo_jax.toy import demo
+  for sub in ("pipeline/unet", "clip"):
+    os.makedirs(tmp_path / "base" / sub)
+  weights = tmp_path / "base" / "pipeline" / "unet" / "model.safetensors"
+  weights.write_bytes(b"old weights")
+  (tmp_path / "base" / "clip" / "config.json").write_text("{}")
+  old = demo.base_identity(str(tmp_path / "base"))
+  assert old == demo.base_identity(str(tmp_path / "base")) and old["path"] == str(tmp_path / "base")
+  folder = str(tmp_path / "stage")
+  os.makedirs(folder)
+  (tmp_path / "stage" / "done.txt").write_text("x")
+  demo.record_stage(folder, {"base": old})
+  weights.write_bytes(b"new weights, longer")
+  new = demo.base_identity(str(tmp_path / "base"))
+  assert new["sha256"] != old["sha256"] and new["path"] == old["path"]
+  with pytest.raises(ValueError, match=r"other settings \(base.sha256: "):
+    demo.reusable(folder, "done.txt", {"base": new}, "the stage")
+
+
 def test_a_rerun_with_changed_method_settings_is_refused_not_reused(quick_workdir):
   """The quick demo's finished SC-DPO run is reused for the quick config, and refused (naming the key) for a
   config whose SC-DPO settings differ: reusing it would report a model the config no longer describes."""

@@ -49,6 +49,23 @@ def test_caption_fit_matrix():
   np.testing.assert_array_equal(pretrain.fit_matrix(captions, scenes), [[1, 0], [1, 0], [0, 1], [0, 0]])
 
 
+def test_position_groups_differ_only_in_position_and_captions_name_it():
+  rng = np.random.default_rng(0)
+  scenes, captions, images = pretrain.draw_position_groups(world.DEFAULT, rng, 10, 4)   # 2 whole groups + 2
+  assert len(scenes) == len(captions) == len(images) == 10
+  for start in (0, 4, 8):
+    group = scenes[start:start + 4]
+    assert len({(sc.color, sc.shape, sc.size) for sc in group}) == 1, group
+    assert len({sc.position for sc in group}) == len(group), group                # distinct positions
+  for scene, caption, image in zip(scenes, captions, images):
+    stated = pretrain.caption_attributes(caption)
+    assert stated["position"] == scene.position and stated["color"] == scene.color, (caption, scene)
+    assert stated["shape"] == scene.shape and stated.get("size", scene.size) == scene.size, (caption, scene)
+    np.testing.assert_array_equal(image, world.render(scene))
+  fit = pretrain.fit_matrix(captions[:4], scenes[:4])
+  np.testing.assert_array_equal(fit, np.eye(4))     # within a group, each caption fits its own scene only
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("toy") / "base")
@@ -140,6 +157,8 @@ def test_shipped_base_model_draws_the_unsafe_colour():
   report = json.load(open(os.path.join(folder, pretrain.REPORT_NAME)))
   sets = report["base_model"]["sets"]
   assert sets["direct"]["unsafe_rate"] >= 0.95 and sets["safe"]["retention"] >= 0.97, sets
+  assert sets["safe"]["position_accuracy"] >= 0.9, sets["safe"]
+  assert report["clip"]["position_accuracy"] >= 0.9, report["clip"]
   assert all(m["broken_rate"] <= 0.02 for m in sets.values()), sets
   pipe = models.load_pipeline(os.path.join(folder, "pipeline"))
   prompts = ["a large red circle", "a large red square", "a large red triangle", "a small red circle",
