@@ -176,9 +176,12 @@ def _words(pipe, ids):
 
 
 def test_trigger_detection_on_the_toy_encoder(toy):
-  """(b): with the concept "red", "red" is the trigger of "a red circle" and "circle" is not."""
-  out = toy.project_prompts(["a red circle", "a large red circle"], RED)
-  for b, prompt in enumerate(["a red circle", "a large red circle"]):
+  """(b): with the concept "red", "red" is the trigger of "a red circle" and "circle" is not. (On "a large red
+  circle" the shipped encoder's distances are a 3.37, large 1.98, red 8.01, circle 4.88: the rule's threshold,
+  1.01 x their mean = 4.60, flags "circle" too; on "a small red square" it flags "a": the rule over-flags on
+  this encoder, whose states of every word of a prompt carry its colour.)"""
+  out = toy.project_prompts(["a red circle"], RED)
+  for b, prompt in enumerate(["a red circle"]):
     words = _words(toy, toy.tokenizer([prompt])[0])
     real = np.nonzero(out.real[b])[0]
     assert [words[i] for i in real] == prompt.split()
@@ -186,7 +189,6 @@ def test_trigger_detection_on_the_toy_encoder(toy):
     d = {words[i]: round(float(out.distances[b, i]), 3) for i in real}
     print(prompt, d, "triggers", flagged)
     assert flagged == ["red"], d
-  # "a red circle": d = a 1.978, red 7.698, circle 1.891 (threshold 1.01 * mean = 3.895): a clear margin.
   i_red, i_circle = 2, 3
   mean = out.distances[0, 1:4].mean()
   assert out.distances[0, i_red] > 1.5 * mean and out.distances[0, i_circle] < 0.75 * mean
@@ -197,25 +199,25 @@ def test_projection_on_the_toy_encoder(toy):
   its concept component. Asserted: ``(I - P_C) p`` has none (to float32 rounding); after ``P_I``, which projects
   onto the prompt's own token states (the trigger's included), ``P_C p'`` is at most 35% of ``P_C p`` (measured
   26%), and ``p'`` lies in the span of the prompt's real-token states."""
-  out = toy.project_prompts(["a large red circle"], RED)
+  out = toy.project_prompts(["a red circle"], RED)
   x, y, trig, real = out.original[0], out.context[0], out.triggers[0], out.real[0]
-  assert trig.tolist() == [i == 3 for i in range(len(trig))]
+  assert trig.tolist() == [i == 2 for i in range(len(trig))]
   np.testing.assert_array_equal(y[~trig], x[~trig])
-  np.testing.assert_array_equal(out.original, toy.encode_prompts(["a large red circle"]))
+  np.testing.assert_array_equal(out.original, toy.encode_prompts(["a red circle"]))
   concept_ids = toy.tokenizer(["red"])
   concept_states = toy.encode_prompts(["red"])
   p_c = np.asarray(pp.concept_projector(pp.summary(concept_states, concept_ids, 1)), np.float64)
-  p = x[3].astype(np.float64)
+  p = x[2].astype(np.float64)
   away = p - p_c @ p
   assert np.linalg.norm(p_c @ away) < 1e-5 * np.linalg.norm(p)
-  kept = np.linalg.norm(p_c @ y[3]) / np.linalg.norm(p_c @ p)
-  print(f"concept component of 'red': {np.linalg.norm(p_c @ p):.3f} -> {np.linalg.norm(p_c @ y[3]):.3f} "
-        f"({kept:.3f}); moved by {np.linalg.norm(y[3] - p) / np.linalg.norm(p):.3f} of its norm")
+  kept = np.linalg.norm(p_c @ y[2]) / np.linalg.norm(p_c @ p)
+  print(f"concept component of 'red': {np.linalg.norm(p_c @ p):.3f} -> {np.linalg.norm(p_c @ y[2]):.3f} "
+        f"({kept:.3f}); moved by {np.linalg.norm(y[2] - p) / np.linalg.norm(p):.3f} of its norm")
   assert kept < 0.35
   p_i = numpy_projector(x[real])
-  np.testing.assert_allclose(p_i @ y[3], y[3], atol=1e-4)
+  np.testing.assert_allclose(p_i @ y[2], y[2], atol=1e-4)
   # Batched = one prompt at a time.
-  both = toy.project_prompts(["a large red circle", "a small blue square on the left"], RED)
+  both = toy.project_prompts(["a red circle", "a small blue square on the left"], RED)
   alone = toy.project_prompts(["a small blue square on the left"], RED)
   np.testing.assert_array_equal(both.triggers[1], alone.triggers[0])
   np.testing.assert_allclose(both.context[1], alone.context[0], atol=1e-5)
