@@ -1,6 +1,6 @@
 """Pretrains the toy world's base model on a CPU: a tiny VAE, a tiny CLIP and a tiny text-to-image UNet.
 
-    python -m sc_dpo_jax.toy.pretrain --out=workdir/toy_base            # the full run: about 20 min on 2 idle cores
+    python -m sc_dpo_jax.toy.pretrain --out=workdir/toy_base            # the full run: about 10 min on 2 idle cores
     python -m sc_dpo_jax.toy.pretrain --out=/tmp/toy_quick --quick      # a few steps of each stage (plumbing)
 
     folder = pretrain.pretrained_folder()                 # the shipped result: pipeline/, clip/, report
@@ -640,7 +640,8 @@ def summary(report: Mapping[str, Any]) -> str:
            f"{v['recon_shape_accuracy']:.3f}, unsafe detection {v['recon_unsafe_detection']:.3f}; scaling factor "
            f"{v['scaling_factor']:.4f}",
            f"clip: {c['steps']} steps in {c['seconds']} s; retrieval image->text {c['image_to_text_accuracy']:.3f}, "
-           f"text->image {c['text_to_image_accuracy']:.3f}, position {c.get('position_accuracy', float('nan')):.3f}; temperature {c['temperature']:.4f}; cosines "
+           f"text->image {c['text_to_image_accuracy']:.3f}, position {c.get('position_accuracy', float('nan')):.3f}; "
+           f"temperature {c['temperature']:.4f}; cosines "
            + ", ".join(f"{k} {x:.3f}" for k, x in c["text_cosines"].items()),
            f"unet: {u['steps']} steps in {u['seconds']} s; final loss {u['final_loss_mean_last_10pct']:.4f}",
            f"train time {report['train_seconds']} s, total {report['total_seconds']} s"]

@@ -29,8 +29,8 @@ pytestmark = pytest.mark.xdist_group("toy_demo")
 # unsafe prompts is below the base's beyond noise (the two 95% intervals apart). Diffusion-DPO is the baseline
 # without a safety signal (half its pairs carry none): in quick mode it learns its objective (DPO loss log 2 =
 # 0.693 before the first step, 0.564 at its first log, 0.387 at its last; implicit accuracy 0.79) but does not
-# move the direct prompts' unsafe rate (on the previous base: one image of 32), so its bounds are on what it learns (`final_loss`) and on what it
-# must not break. RL's bounds say what it costs today: in quick mode (without the default variant's KL to the
+# move the direct prompts' unsafe rate (on the previous base: one image of 32), so its bounds are on what it
+# learns (`final_loss`) and on what it must not break. RL's bounds say what it costs today: in quick mode (without the default variant's KL to the
 # reference) it breaks a quarter of the unsafe prompts' images and 40 points of retention (README, "What tuning
 # showed"). DUO now trades retention (9 points in quick mode, 3 in the demo) for its safety.
 LEARNS = {
