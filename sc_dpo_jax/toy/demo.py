@@ -135,13 +135,14 @@ def _folder_digest(folder: str, stamp: Tuple) -> str:
 
 
 def base_identity(folder: str) -> Dict[str, str]:
-  """The base model as the stage records know it: its folder and a digest of every file in its ``pipeline/``
-  and ``clip/``, so that stages made from other weights in the same folder (e.g. the shipped base, retrained
-  in a later version) are not reused."""
+  """The base model as the stage records know it: a digest of every file in its ``pipeline/`` and ``clip/``
+  (names relative to ``folder``, and contents), so that stages made from other weights in the same folder (e.g.
+  the shipped base, retrained in a later version) are not reused, and the same weights elsewhere (a moved
+  checkout) are the same base."""
   files = sorted(os.path.join(root, name) for sub in ("pipeline", "clip")
                  for root, _, names in os.walk(os.path.join(folder, sub)) for name in names)
   stamp = tuple((path, os.path.getsize(path), os.path.getmtime(path)) for path in files)
-  return {"path": folder, "sha256": _folder_digest(folder, stamp)}
+  return {"sha256": _folder_digest(folder, stamp)}
 
 
 def _unlocked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.xdist_group("toy_demo")
 # What each method must show in quick mode, with room for other platforms' numerics. Measured on this machine with
 # the shipped base (`python -m sc_dpo_jax.main --config=configs/toy.py:quick`; the suite's quick demo):
 # direct reduction / safe & intact / broken / retention drop = Diffusion-DPO 0.000 / 0.006 / 0.000 / 0.008,
-# SC-DPO 0.719 / 0.650 / 0.025 / 0.016 (with output preservation, 180 steps), DUO 0.969 / 0.694 / 0.031 / 0.094,
+# SC-DPO 0.906 / 0.887 / 0.013 / 0.023 (output preservation 300, 360 steps), DUO 0.969 / 0.694 / 0.031 / 0.094,
 # ShieldDiff-style RL 0.906 / 0.475 / 0.250 / 0.406. Each must lower the relative unsafe rate on direct prompts by
 # at least `reduction`, reach `safe_and_intact` on the unsafe prompts, break at most `broken` of their images and
 # lose at most `retention_drop` of the base's retention on safe prompts; with `separate`, its unsafe rate over all
@@ -260,14 +260,18 @@ def test_stages_know_the_base_by_its_weights_not_only_its_folder(tmp_path):
   weights.write_bytes(b"old weights")
   (tmp_path / "base" / "clip" / "config.json").write_text("{}")
   old = demo.base_identity(str(tmp_path / "base"))
-  assert old == demo.base_identity(str(tmp_path / "base")) and old["path"] == str(tmp_path / "base")
+  assert old == demo.base_identity(str(tmp_path / "base"))
+  moved = tmp_path / "moved"
+  os.rename(tmp_path / "base", moved)
+  assert demo.base_identity(str(moved)) == old          # the same weights elsewhere: the same base
+  os.rename(moved, tmp_path / "base")
   folder = str(tmp_path / "stage")
   os.makedirs(folder)
   (tmp_path / "stage" / "done.txt").write_text("x")
   demo.record_stage(folder, {"base": old})
   weights.write_bytes(b"new weights, longer")
   new = demo.base_identity(str(tmp_path / "base"))
-  assert new["sha256"] != old["sha256"] and new["path"] == old["path"]
+  assert new["sha256"] != old["sha256"]
   with pytest.raises(ValueError, match=r"other settings \(base.sha256: "):
     demo.reusable(folder, "done.txt", {"base": new}, "the stage")
 
@@ -282,7 +286,8 @@ def test_a_rerun_with_changed_method_settings_is_refused_not_reused(quick_workdi
   folders = {k: os.path.join(where.stages, "data", k) for k in ("sc_pairs", "duo_pairs", "rl_prompts")}
   summary = demo.align(config, "sc_dpo", 0, base, folders, where.stages, where.run("sc_dpo", 0))
   assert summary["final_step"] == config.sc_dpo.train.steps
-  config.sc_dpo.objective.preserve_weight = 1.0
+  made_with = float(config.sc_dpo.objective.preserve_weight)
+  config.sc_dpo.objective.preserve_weight = made_with + 1.0
   with pytest.raises(ValueError, match=r"the sc_dpo run in .*seed0 was made with other settings "
-                                       r"\(sc_dpo.objective.preserve_weight: 150.0 -> 1.0\)"):
+                                       rf"\(sc_dpo.objective.preserve_weight: {made_with} -> {made_with + 1.0}\)"):
     demo.align(config, "sc_dpo", 0, base, folders, where.stages, where.run("sc_dpo", 0))
