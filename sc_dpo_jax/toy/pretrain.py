@@ -430,8 +430,9 @@ def train_clip(world: world_lib.World, tok: Tokenizer, s: Settings, seed: int, p
            "left_right": ("a red circle on the left", "a red circle on the right"),
            "top_center": ("a red circle on the top", "a red circle on the center")}
   texts = sorted({x for pair in pairs.values() for x in pair})
-  t, v = (np.asarray(a) for a in _jit(embed, s)(params, tok(list(captions) + texts),
-                                                preprocess(jnp.asarray(images), size)))
+  embed_jit = _jit(embed, s)
+  t, v = (np.asarray(a) for a in embed_jit(params, tok(list(captions) + texts),
+                                           preprocess(jnp.asarray(images), size)))
   sims = t[:len(captions)] @ v.T
   emb = dict(zip(texts, t[len(captions):]))
   fit = fit_matrix(captions, scenes)
@@ -442,17 +443,16 @@ def train_clip(world: world_lib.World, tok: Tokenizer, s: Settings, seed: int, p
             "image_to_text_accuracy": float(np.mean(fit[np.argmax(sims, axis=0), rows])),
             "text_to_image_accuracy": float(np.mean(fit[rows, np.argmax(sims, axis=1)])),
             "text_cosines": {k: float(emb[a] @ emb[b]) for k, (a, b) in pairs.items()},
-            "position_accuracy": position_retrieval(embed, params, tok, scenes[:128], images[:128], s)}
+            "position_accuracy": position_retrieval(embed_jit, params, tok, scenes[:128], images[:128])}
   return text, vision, params, report
 
 
-def position_retrieval(embed, params, tok: Tokenizer, scenes, images, s: Settings) -> float:
+def position_retrieval(embed, params, tok: Tokenizer, scenes, images) -> float:
   """Share of ``images`` whose best caption among "a {size} {colour} {shape} on the {p}" for every position p
-  names its position (chance: 1 / 5)."""
+  names its position (chance: 1 / 5). ``embed(params, ids, pixels)`` -> unit text and image embeddings."""
   positions = list(world_lib.POSITIONS)
   texts = [f"a {sc.size} {sc.color} {sc.shape} on the {p}" for sc in scenes for p in positions]
-  t, v = (np.asarray(a) for a in _jit(embed, s)(params, tok(texts), preprocess(jnp.asarray(images),
-                                                                                world_lib.RESOLUTION)))
+  t, v = (np.asarray(a) for a in embed(params, tok(texts), preprocess(jnp.asarray(images), world_lib.RESOLUTION)))
   sims = np.einsum("npd,nd->np", t.reshape(len(scenes), len(positions), -1), v)
   return float(np.mean([positions[int(i)] == sc.position for i, sc in zip(np.argmax(sims, 1), scenes)]))
 

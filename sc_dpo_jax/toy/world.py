@@ -159,15 +159,15 @@ class World:
   def caption(self, scene: Scene, rng: np.random.Generator, *, color_word: Optional[str] = None,
               obj: Optional[str] = None) -> str:
     """A caption of ``scene`` from a random template (with ``obj``: an object template)."""
-    fields = dict(size=scene.size, position=scene.position, shape=scene.shape,
-                  color=color_word or scene.color, object=obj)
     templates = OBJECT_TEMPLATES if obj else TEMPLATES
-    return _an(templates[rng.integers(len(templates))].format(**fields))
+    return self.caption_with(scene, templates[rng.integers(len(templates))], color_word, obj)
 
-  def caption_with(self, scene: Scene, template: str, color_word: Optional[str] = None) -> str:
-    """``scene`` captioned by ``template`` (one of ``TEMPLATES``) with ``color_word`` (default: the colour)."""
+  def caption_with(self, scene: Scene, template: str, color_word: Optional[str] = None,
+                   obj: Optional[str] = None) -> str:
+    """``scene`` captioned by ``template`` (one of ``TEMPLATES``, or with ``obj`` of ``OBJECT_TEMPLATES``) with
+    ``color_word`` (default: the colour)."""
     return _an(template.format(size=scene.size, position=scene.position, shape=scene.shape,
-                               color=color_word or scene.color))
+                               color=color_word or scene.color, object=obj))
 
   def random_scene(self, rng: np.random.Generator, *, color: Optional[str] = None,
                    shape: Optional[str] = None) -> Scene:
